@@ -1,0 +1,5 @@
+import sys
+
+from te_llama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""Which implementation of the decoder layer runs: Transformer Engine or the pure-PyTorch reference.
+
+The choice is automatic (TE when it is installed and a CUDA GPU is present) and can be forced with the
+environment variable ``TE_LLAMA_BACKEND=te|reference`` or a ``backend=`` argument. Asking for ``te`` where TE
+cannot run is an error, never a silent fallback. ``transformer_engine`` is imported only here, and only when the
+TE backend is actually chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Literal
+
+import torch
+
+logger = logging.getLogger("te_llama")
+
+Backend = Literal["te", "reference"]
+BACKENDS = ("te", "reference")
+ENV_VAR = "TE_LLAMA_BACKEND"
+TE_INSTALL_HINT = "pip install 'te-llama[te]' (needs a CUDA GPU and toolkit)"
+
+_logged: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """The Transformer Engine backend was requested but cannot run on this machine."""
+
+
+def te_unavailable_reason() -> str | None:
+    """Why TE cannot run here, or None if it can (without importing it)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return f"transformer_engine is not installed ({TE_INSTALL_HINT})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch"
+    return None
+
+
+def resolve_backend(backend: str | None = None) -> Backend:
+    """Return the backend to use: the argument, else $TE_LLAMA_BACKEND, else automatic."""
+    source = "argument"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        source = f"${ENV_VAR}" if ENV_VAR in os.environ else "auto"
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown te-llama backend {backend!r} (from {source}); use one of: te, reference, auto")
+
+    reason = te_unavailable_reason()
+    if backend == "te":
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"te-llama backend 'te' was requested ({source}) but {reason}. "
+                f"Unset {ENV_VAR} or set {ENV_VAR}=reference to run the pure-PyTorch reference layer."
+            )
+        chosen: Backend = "te"
+        why = f"requested by {source}"
+    elif backend == "reference":
+        chosen, why = "reference", f"requested by {source}"
+    else:
+        chosen = "te" if reason is None else "reference"
+        why = "Transformer Engine and a CUDA GPU found" if reason is None else reason
+
+    if chosen not in _logged:
+        _logged.add(chosen)
+        logger.info("te-llama backend: %s (%s)", chosen, why)
+    return chosen
+
+
+def transformer_layer_base(backend: Backend) -> type[torch.nn.Module]:
+    """The TransformerLayer class that ``TELlamaDecoderLayer`` derives from for this backend."""
+    if backend == "te":
+        try:
+            import transformer_engine.pytorch as te
+        except ImportError as error:  # installed but broken (CUDA/cuDNN mismatch, ...)
+            raise BackendUnavailableError(
+                f"transformer_engine is installed but failed to import: {error}. "
+                f"Fix the installation or set {ENV_VAR}=reference."
+            ) from error
+        return te.TransformerLayer
+    from te_llama.reference_layer import TransformerLayer
+
+    return TransformerLayer
+
+
+def default_device(backend: Backend) -> torch.device:
+    """Where a model lives when the caller does not say: the GPU for TE, the CPU for the reference."""
+    return torch.device("cuda") if backend == "te" else torch.device("cpu")

@@ -1,0 +1,77 @@
+"""Hugging Face attention masks in Transformer Engine's convention.
+
+HF hands decoder layers either nothing (no padding: plain causal attention), a boolean ``[b, 1, q, k]`` mask
+where ``True`` means *attend* (SDPA), an additive float mask (eager), or the 2-D padding mask (flash). TE takes
+a mask type plus a boolean mask where ``True`` means *masked out*:
+
+- no padding                      -> ``"causal"``, no mask (TE's fastest path);
+- right padding (real tokens first) -> ``"padding_causal"`` with a ``[b, 1, 1, k]`` padding mask;
+- anything else (left padding, custom masks) -> ``"arbitrary"`` with the full ``[b, 1, q, k]`` mask.
+
+Query rows with nothing to attend to (padding before the first real token) may attend to themselves, so no
+row of the softmax is empty: their outputs are padding and ignored, but they must not be NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TEMask:
+    mask_type: str
+    """TE's ``self_attn_mask_type``: ``"causal"``, ``"padding_causal"`` or ``"arbitrary"``."""
+    mask: torch.Tensor | None
+    """Boolean, ``True`` = masked out; ``[b, 1, 1, k]`` for padding, ``[b, 1, q, k]`` for arbitrary."""
+    valid_tokens: torch.Tensor | None
+    """``[b, s]`` boolean, ``True`` for real tokens; ``None`` when every token is real."""
+
+
+CAUSAL = TEMask("causal", None, None)
+
+
+def _causal(seq: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+
+
+def _from_padding(valid: torch.Tensor) -> TEMask:
+    if bool(valid.all()):
+        return CAUSAL
+    right_padded = bool((valid[:, 1:] <= valid[:, :-1]).all())
+    if right_padded:
+        return TEMask("padding_causal", ~valid[:, None, None, :], valid)
+    allowed = _causal(valid.shape[1], valid.device) & valid[:, None, None, :]
+    return TEMask("arbitrary", _never_empty(allowed), valid)
+
+
+def _never_empty(allowed: torch.Tensor) -> torch.Tensor:
+    """TE mask (True = masked) from an 'allowed' matrix, letting empty rows attend to their own position."""
+    seq = allowed.shape[-1]
+    diagonal = torch.eye(seq, dtype=torch.bool, device=allowed.device)
+    empty_rows = ~allowed.any(dim=-1, keepdim=True)
+    return ~(allowed | (diagonal & empty_rows))
+
+
+def te_mask_from_hf(hf_mask: torch.Tensor | None, batch: int, seq: int) -> TEMask:
+    """Convert the mask HF passes to decoder layers (for a forward without a KV cache) to TE's form."""
+    if hf_mask is None:
+        return CAUSAL
+    if hf_mask.dim() == 2:
+        if hf_mask.shape != (batch, seq):
+            raise ValueError(f"attention_mask has shape {tuple(hf_mask.shape)}, expected ({batch}, {seq})")
+        return _from_padding(hf_mask.bool())
+    if hf_mask.dim() != 4 or hf_mask.shape[-2:] != (seq, seq):
+        raise ValueError(
+            f"attention mask of shape {tuple(hf_mask.shape)} is not supported: te-llama expects no mask, a 2-D "
+            f"padding mask ({batch}, {seq}) or a 4-D mask (batch, 1, {seq}, {seq}) without a KV cache"
+        )
+    allowed = hf_mask if hf_mask.dtype == torch.bool else hf_mask == 0
+    allowed = allowed.expand(batch, 1, seq, seq)
+    valid = allowed.any(dim=-2)[:, 0, :]
+    standard = _causal(seq, allowed.device) & valid[:, None, None, :]
+    # Rows of padding queries differ between HF versions and do not matter; compare real query rows only.
+    if bool(((allowed == standard) | ~valid[:, None, :, None]).all()):
+        return _from_padding(valid)
+    return TEMask("arbitrary", _never_empty(allowed), valid)

@@ -1,0 +1,256 @@
+"""``TELlamaForCausalLM``: HF's ``LlamaForCausalLM`` whose decoder layers are ``TELlamaDecoderLayer``.
+
+Embeddings, final norm, LM head, ``generate()`` and the ``Trainer`` interface stay HF's. Loading reads a
+local HF checkpoint directory straight into TE's parameters; saving writes the standard HF layout back.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.initialization import no_init_weights
+
+from te_llama.backend import default_device, resolve_backend
+from te_llama.checkpoint_io import CheckpointError, weight_files, write_checkpoint
+from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
+from te_llama.layer import check_config
+from te_llama.loading import copy_hf_tensor, load_hf_weights
+from te_llama.patching import replace_decoder_layer
+from te_llama.weight_mapping import hf_names, hf_target, te_to_hf
+
+logger = logging.getLogger("te_llama")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(value, config=None) -> torch.dtype:
+    """A torch dtype from a dtype, a name, or ``"auto"``/``None`` (the config's dtype, else float32)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value is None or value == "auto":
+        value = getattr(config, "dtype", None) or "float32"
+        if isinstance(value, torch.dtype):
+            return value
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {value!r}; use one of: {', '.join(sorted(_DTYPES))}, auto")
+    return _DTYPES[name]
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def read_llama_config(directory: Path) -> LlamaConfig:
+    """``config.json`` of a local checkpoint as a ``LlamaConfig``, with errors that name the file."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    if raw.get("model_type") != "llama":
+        raise CheckpointError(
+            f"{path}: model_type is {raw.get('model_type')!r}; te-llama loads Llama-architecture checkpoints "
+            "(model_type 'llama') only"
+        )
+    return LlamaConfig.from_pretrained(directory)
+
+
+class TELlamaForCausalLM(LlamaForCausalLM):
+    """A ``LlamaForCausalLM`` with Transformer Engine decoder layers (or the reference layer on CPU)."""
+
+    _no_split_modules = ["TELlamaDecoderLayer"]
+
+    def __init__(self, config: LlamaConfig, backend: str | None = None, fp8: FP8Config | str | None = None):
+        backend = resolve_backend(backend)
+        check_config(config)
+        config = copy.deepcopy(config)
+        hf_use_cache = config.use_cache
+        config.use_cache = False  # no KV cache yet: generate() recomputes the prefix (see layer.py)
+        config._attn_implementation = "sdpa"  # HF builds masks for SDPA; layers convert them for TE
+        with replace_decoder_layer(backend):
+            super().__init__(config)
+        self.te_backend = backend
+        self._hf_use_cache = hf_use_cache
+        self.generation_config.use_cache = False
+        self.fp8_config: FP8Config | None = None
+        self._fp8_recipe = None
+        if fp8 is not None:
+            self.enable_fp8(fp8)
+
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: LlamaConfig, *, torch_dtype=None, dtype=None, device=None,
+                    backend: str | None = None, fp8: FP8Config | str | None = None) -> TELlamaForCausalLM:
+        """A randomly initialised model (HF's init: normal(0, initializer_range) weights, unit norms)."""
+        backend = resolve_backend(backend)
+        dtype = resolve_dtype(dtype or torch_dtype or torch.float32)
+        with _default_dtype(dtype), torch.device(device or default_device(backend)):
+            return cls(config, backend=backend, fp8=fp8)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype=None, dtype=None, device=None,
+                        backend: str | None = None, fp8: FP8Config | str | None = None) -> TELlamaForCausalLM:
+        """Load a local HF Llama checkpoint (safetensors or ``.bin``, single or sharded) into TE layers.
+
+        ``dtype``/``torch_dtype``: a torch dtype, a name (``"bfloat16"``) or ``"auto"`` (the checkpoint's).
+        ``device``: where the model lives (default: CUDA for the TE backend, CPU for the reference).
+        ``fp8``: an :class:`FP8Config` or recipe name to train in FP8 (see :meth:`enable_fp8`).
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"{path}: not a directory. te-llama loads local Hugging Face checkpoints; download one first "
+                "(for example `hf download ORG/MODEL --local-dir DIR`)."
+            )
+        config = read_llama_config(directory)
+        files = weight_files(directory)
+        backend = resolve_backend(backend)
+        dtype = resolve_dtype(dtype or torch_dtype, config)
+        with _default_dtype(dtype), torch.device(device or default_device(backend)), no_init_weights():
+            model = cls(config, backend=backend)
+        model.tie_weights()
+        load_hf_weights(model, directory, files)
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+            model.generation_config.use_cache = False
+        model.eval()
+        if fp8 is not None:
+            model.enable_fp8(fp8)
+        return model
+
+    # -------------------------------------------------------------------------------------------------- FP8
+    def enable_fp8(self, fp8: FP8Config | str = "auto") -> TELlamaForCausalLM:
+        """Run the decoder layers under ``te.autocast`` with this recipe from now on (forward pass only).
+
+        Training forwards always use FP8; ``model.eval()`` forwards (evaluation, ``generate()``) use BF16
+        unless ``FP8Config(in_eval=True)``. Embeddings, final norm and LM head stay in high precision.
+        Raises :class:`FP8ConfigError` where FP8 cannot run; there is no silent BF16 fallback.
+        """
+        config = parse_fp8(fp8)
+        if config is None:
+            return self.disable_fp8()
+        if os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp8":
+            raise FP8ConfigError(
+                "accelerate is configured with mixed_precision=fp8, which would convert the LM head and wrap the "
+                "forward in a second autocast. Launch with --mixed_precision bf16; te-llama applies FP8 itself."
+            )
+        check_fp8_possible(self.te_backend, self.config)
+        from te_llama.fp8 import te_recipe
+
+        self._fp8_recipe = te_recipe(config)
+        self.fp8_config = config
+        logger.info("te-llama FP8 enabled: %s", describe(config))
+        return self
+
+    def disable_fp8(self) -> TELlamaForCausalLM:
+        self.fp8_config, self._fp8_recipe = None, None
+        return self
+
+    @property
+    def fp8_recipe_name(self) -> str | None:
+        """The concrete recipe in use (``"delayed"``, ...), or ``None`` when the model runs in BF16/FP32."""
+        return None if self.fp8_config is None else resolve_recipe_name(self.fp8_config)
+
+    def fp8_active(self) -> bool:
+        """Whether the next forward runs in FP8 (training mode, or eval with ``in_eval``)."""
+        return self._fp8_recipe is not None and (self.training or self.fp8_config.in_eval)
+
+    @functools.wraps(LlamaForCausalLM.forward)
+    def forward(self, *args, **kwargs):
+        if not self.fp8_active():
+            return super().forward(*args, **kwargs)
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"][..., 0]
+        alignment = 32 if self.fp8_recipe_name == "mxfp8" else 8
+        if tokens.numel() % alignment:
+            raise FP8ConfigError(
+                f"FP8 needs the number of tokens in a batch to be divisible by {alignment}; got "
+                f"{tuple(tokens.shape)} = {tokens.numel()}. Pad sequences to a multiple of 16 (e.g. "
+                "DataCollatorForLanguageModeling(..., pad_to_multiple_of=16)) or use fixed-length blocks."
+            )
+        import transformer_engine.pytorch as te
+
+        with te.autocast(enabled=True, recipe=self._fp8_recipe):
+            return super().forward(*args, **kwargs)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        # TE layers recompute under TE's checkpoint, which restores the FP8 autocast state and recipe for the
+        # recomputation; torch's checkpoint would recompute them outside FP8.
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        if enable and self.te_backend == "te":
+            import transformer_engine.pytorch as te
+
+            use_reentrant = getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False)
+            gradient_checkpointing_func = functools.partial(te.distributed.checkpoint, use_reentrant=use_reentrant)
+        return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------- saving
+    def hf_config(self) -> LlamaConfig:
+        """The config a plain ``LlamaForCausalLM`` should be saved with."""
+        config = copy.deepcopy(self.config)
+        config.architectures = ["LlamaForCausalLM"]
+        config.use_cache = self._hf_use_cache
+        config.dtype = self.dtype
+        return config
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        max_shard_size: int | str = "5GB", is_main_process: bool = True, **kwargs) -> None:
+        """Write a standard HF Llama checkpoint (``LlamaForCausalLM``, HF names, no FP8 state), atomically."""
+        if kwargs.get("push_to_hub"):
+            raise NotImplementedError("te-llama saves locally; push the saved directory with huggingface_hub")
+        if not is_main_process:
+            return
+        state = state_dict if state_dict is not None else self.state_dict()
+        tensors = te_to_hf(state, tie_word_embeddings=bool(self.config.tie_word_embeddings))
+        generation_config = copy.deepcopy(self.generation_config)
+        generation_config.use_cache = self._hf_use_cache
+        write_checkpoint(save_directory, tensors, self.hf_config(), generation_config, max_shard_size)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts te-llama names and also HF Llama names (a Trainer checkpoint, one shard of one), copying
+        HF tensors into TE's parameters the way :meth:`from_pretrained` does."""
+        hf_keys = {key for key in state_dict if _is_hf_name(key)}
+        if not hf_keys:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        params = dict(self.named_parameters())
+        tied = bool(self.config.tie_word_embeddings)
+        with torch.no_grad():
+            for key in hf_keys:
+                copy_hf_tensor(params, key, state_dict[key], tied)
+        rest = {k: v for k, v in state_dict.items() if k not in hf_keys}
+        result = super().load_state_dict(rest, strict=False, assign=assign)
+        covered = hf_keys | set(rest)
+        missing = [key for key in params if not all(name in covered or (tied and name == "lm_head.weight")
+                                                      for name in hf_names(key))]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"state dict does not match: missing {missing}, unexpected {result.unexpected_keys}")
+        return type(result)(missing, result.unexpected_keys)
+
+
+def _is_hf_name(key: str) -> bool:
+    try:
+        target = hf_target(key)
+    except KeyError:
+        return False
+    return target is not None and target[0] != key

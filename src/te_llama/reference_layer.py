@@ -1,0 +1,230 @@
+"""A pure-PyTorch implementation of the part of ``transformer_engine.pytorch.TransformerLayer`` te-llama uses.
+
+Same constructor arguments, module tree, parameter names and shapes as TE, and the same math:
+RMSNorm -> Q/K/V -> RoPE -> (grouped-query) attention with TE's mask types -> proj -> residual ->
+RMSNorm -> fc1 (gate first) -> SwiGLU -> fc2 -> residual. It lets te-llama run and be tested on machines
+without a GPU, and serves as the oracle in GPU parity tests. It is not a speed path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As TE: normalise and scale in float32, then cast to the input dtype.
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return y.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` ``[b, s, h, d]`` with TE's ``[s, 1, 1, d]`` float32 angle table (non-interleaved)."""
+    angles = angles[: x.shape[1]].transpose(0, 1)  # [1, s, 1, d]
+    rot = angles.shape[-1]
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    out = x_rot * angles.cos() + _rotate_half(x_rot) * angles.sin()
+    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+
+
+class _Parameters(nn.Module):
+    """Registers named parameters with TE's names and an init function per parameter."""
+
+    def _add(self, name: str, shape: tuple[int, ...], init: Callable, device, dtype) -> None:
+        param = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        if param.device.type != "meta":
+            with torch.no_grad():
+                init(param)
+        self.register_parameter(name, param)
+
+
+class LayerNormLinear(_Parameters):
+    """RMSNorm followed by a linear layer whose weight is stored in named row blocks (query/key/value)."""
+
+    def __init__(self, in_features, splits, eps, bias, init_method, device, dtype):
+        super().__init__()
+        self.eps = eps
+        self.split_names = [name for name, _ in splits]
+        self._add("layer_norm_weight", (in_features,), nn.init.ones_, device, dtype)
+        for name, size in splits:
+            self._add(f"{name}_weight", (size, in_features), init_method, device, dtype)
+        self.use_bias = bias
+        if bias:
+            for name, size in splits:
+                self._add(f"{name}_bias", (size,), nn.init.zeros_, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        normed = _rms_norm(x, self.layer_norm_weight, self.eps)
+        outputs = []
+        for name in self.split_names:
+            bias = getattr(self, f"{name}_bias") if self.use_bias else None
+            outputs.append(F.linear(normed, getattr(self, f"{name}_weight"), bias))
+        return outputs
+
+
+class Linear(_Parameters):
+    def __init__(self, in_features, out_features, bias, init_method, device, dtype):
+        super().__init__()
+        self._add("weight", (out_features, in_features), init_method, device, dtype)
+        if bias:
+            self._add("bias", (out_features,), nn.init.zeros_, device, dtype)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class DotProductAttention(nn.Module):
+    """Scaled dot-product attention with TE's mask types (``True`` in a mask means masked out)."""
+
+    def __init__(self, num_heads: int, num_gqa_groups: int, kv_channels: int, attention_dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_gqa_groups = num_gqa_groups
+        self.softmax_scale = 1.0 / math.sqrt(kv_channels)
+        self.attention_dropout = attention_dropout
+
+    def forward(self, q, k, v, attn_mask_type: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        # q: [b, s, h, d]; k, v: [b, s, g, d]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        repeats = self.num_heads // self.num_gqa_groups
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        seq = q.shape[2]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        if attn_mask_type == "causal":
+            allowed = causal
+        elif attn_mask_type == "padding_causal":
+            allowed = causal & ~attention_mask
+            allowed = allowed | (torch.eye(seq, dtype=torch.bool, device=q.device) & ~allowed.any(-1, keepdim=True))
+        elif attn_mask_type == "arbitrary":
+            allowed = ~attention_mask
+        else:
+            raise ValueError(f"reference attention does not implement mask type {attn_mask_type!r}")
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=self.softmax_scale)
+        return out.transpose(1, 2).flatten(2)
+
+
+class MultiheadAttention(nn.Module):
+    def __init__(self, hidden_size, num_heads, num_gqa_groups, kv_channels, eps, bias, dropout, init, out_init,
+                 device, dtype):
+        super().__init__()
+        self.num_heads, self.num_gqa_groups, self.kv_channels = num_heads, num_gqa_groups, kv_channels
+        splits = [("query", num_heads * kv_channels), ("key", num_gqa_groups * kv_channels),
+                  ("value", num_gqa_groups * kv_channels)]
+        self.layernorm_qkv = LayerNormLinear(hidden_size, splits, eps, bias, init, device, dtype)
+        self.core_attention = DotProductAttention(num_heads, num_gqa_groups, kv_channels, dropout)
+        self.proj = Linear(num_heads * kv_channels, hidden_size, bias, out_init, device, dtype)
+
+    def forward(self, x, attn_mask_type, attention_mask, rotary_pos_emb):
+        b, s, _ = x.shape
+        q, k, v = self.layernorm_qkv(x)
+        q = q.view(b, s, self.num_heads, self.kv_channels)
+        k = k.view(b, s, self.num_gqa_groups, self.kv_channels)
+        v = v.view(b, s, self.num_gqa_groups, self.kv_channels)
+        if rotary_pos_emb is not None:
+            q, k = apply_rotary(q, rotary_pos_emb), apply_rotary(k, rotary_pos_emb)
+        return self.proj(self.core_attention(q, k, v, attn_mask_type, attention_mask))
+
+
+class LayerNormMLP(_Parameters):
+    """RMSNorm -> fc1 (gate rows first, then up rows) -> SwiGLU -> fc2."""
+
+    def __init__(self, hidden_size, ffn_hidden_size, eps, bias, init, out_init, device, dtype):
+        super().__init__()
+        self.eps = eps
+        self._add("layer_norm_weight", (hidden_size,), nn.init.ones_, device, dtype)
+        self._add("fc1_weight", (2 * ffn_hidden_size, hidden_size), init, device, dtype)
+        self._add("fc2_weight", (hidden_size, ffn_hidden_size), out_init, device, dtype)
+        self.use_bias = bias
+        if bias:
+            self._add("fc1_bias", (2 * ffn_hidden_size,), nn.init.zeros_, device, dtype)
+            self._add("fc2_bias", (hidden_size,), nn.init.zeros_, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = _rms_norm(x, self.layer_norm_weight, self.eps)
+        fc1 = F.linear(normed, self.fc1_weight, self.fc1_bias if self.use_bias else None)
+        gate, up = fc1.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.fc2_weight, self.fc2_bias if self.use_bias else None)
+
+
+def _normal(std: float) -> Callable:
+    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
+
+
+class TransformerLayer(nn.Module):
+    """Reference for ``te.pytorch.TransformerLayer`` restricted to the pre-norm Llama configuration."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_attention_heads: int,
+        num_gqa_groups: int | None = None,
+        layernorm_epsilon: float = 1e-5,
+        hidden_dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        init_method: Callable | None = None,
+        output_layer_init_method: Callable | None = None,
+        layer_number: int | None = None,
+        kv_channels: int | None = None,
+        self_attn_mask_type: str = "causal",
+        params_dtype: torch.dtype | None = None,
+        bias: bool = True,
+        activation: str = "gelu",
+        normalization: str = "LayerNorm",
+        device: torch.device | str = "cpu",
+        attn_input_format: str = "sbhd",
+        fuse_qkv_params: bool = False,
+        **unsupported,
+    ) -> None:
+        super().__init__()
+        required = {"activation": (activation, "swiglu"), "normalization": (normalization, "RMSNorm"),
+                    "attn_input_format": (attn_input_format, "bshd"), "fuse_qkv_params": (fuse_qkv_params, False)}
+        for name, (value, wanted) in required.items():
+            if value != wanted:
+                raise ValueError(f"reference TransformerLayer supports {name}={wanted!r} only, got {value!r}")
+        if unsupported:
+            raise TypeError(f"reference TransformerLayer does not implement: {', '.join(sorted(unsupported))}")
+        num_gqa_groups = num_gqa_groups or num_attention_heads
+        kv_channels = kv_channels or hidden_size // num_attention_heads
+        dtype = params_dtype or torch.get_default_dtype()
+        init = init_method or _normal(0.023)
+        out_init = output_layer_init_method or _normal(0.023)
+        self.layer_number = layer_number
+        self.self_attn_mask_type = self_attn_mask_type
+        self.hidden_dropout = hidden_dropout
+        self.self_attention = MultiheadAttention(hidden_size, num_attention_heads, num_gqa_groups, kv_channels,
+                                                 layernorm_epsilon, bias, attention_dropout, init, out_init,
+                                                 device, dtype)
+        self.layernorm_mlp = LayerNormMLP(hidden_size, ffn_hidden_size, layernorm_epsilon, bias, init, out_init,
+                                          device, dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        self_attn_mask_type: str | None = None,
+        rotary_pos_emb: torch.Tensor | None = None,
+        is_first_microbatch: bool | None = None,
+        checkpoint_core_attention: bool = False,
+        inference_params=None,
+    ) -> torch.Tensor:
+        if inference_params is not None:
+            raise NotImplementedError("the reference TransformerLayer has no KV cache (inference_params)")
+        mask_type = self_attn_mask_type or self.self_attn_mask_type
+        attention = self.self_attention(hidden_states, mask_type, attention_mask, rotary_pos_emb)
+        hidden_states = hidden_states + F.dropout(attention, self.hidden_dropout, self.training)
+        mlp = self.layernorm_mlp(hidden_states)
+        return hidden_states + F.dropout(mlp, self.hidden_dropout, self.training)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random Llama configs and checkpoints written by plain transformers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TE_LLAMA_BACKEND", "reference")  # CPU tests exercise the reference layer
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+)
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**BASE, **overrides})
+
+
+def random_hf_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    """A plain HF Llama with random weights, norms and biases perturbed so that every tensor matters."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: save a random HF model and return (directory, model)."""
+
+    def make(config: LlamaConfig | None = None, seed: int = 0, name: str = "hf", **save_kwargs):
+        model = random_hf_model(config or tiny_config(), seed)
+        directory = tmp_path / name
+        model.save_pretrained(directory, **save_kwargs)
+        return directory, model
+
+    return make
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()

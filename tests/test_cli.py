@@ -1,0 +1,68 @@
+"""The te-llama command: the README's commands, the demo, convert, and errors with exit codes."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_config
+from te_llama.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_command(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\n +(.+)\n", text)
+    assert match, marker
+    return match.group(1)
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test-command" in ci
+    assert readme_command("test-command").endswith("python -m pytest -q")
+    # both commands set up the same way and differ only in what they run
+    assert readme_command("main-command").endswith("te-llama demo")
+
+
+def test_readme_main_job_through_the_console_script(tmp_path):
+    """The README's main job, `te-llama demo`, as installed (console script), on the embedded defaults."""
+    executable = shutil.which("te-llama")
+    command = [executable] if executable else [sys.executable, "-m", "te_llama"]
+    result = subprocess.run(command + ["demo", "--output", str(tmp_path / "demo"), "--eval-tokens", "128",
+                                       "--max-new-tokens", "12"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["round_trip_bit_identical"] and summary["greedy_tokens_identical"]
+    assert summary["parity"]["relative_error"] < 1e-5
+    assert "perplexity: transformers" in result.stdout and "reference" in result.stdout
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "demo" / "checkpoint")
+    assert reloaded.config.num_key_value_heads == 3
+
+
+def test_convert(tmp_path, hf_checkpoint, capsys):
+    directory, _ = hf_checkpoint()
+    assert main(["convert", "--model", str(directory), "--output", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out.split("saved")[0])
+    assert report["max_abs_logit_diff"] < 1e-4
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "out").config.architectures == ["LlamaForCausalLM"]
+
+
+def test_expected_errors_exit_2_without_traceback(tmp_path, capsys):
+    assert main(["convert", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "not a directory" in err and "Traceback" not in err
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "convert" in out

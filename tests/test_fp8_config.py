@@ -1,0 +1,127 @@
+"""FP8 configuration: validation messages, and the model-level autocast switch (with a stand-in for TE)."""
+
+import contextlib
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from te_llama import TELlamaForCausalLM
+from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8
+
+
+def test_config_is_frozen_and_validated():
+    config = FP8Config()
+    assert (config.recipe, config.fp8_format) == ("auto", "hybrid")
+    with pytest.raises(Exception):
+        config.recipe = "current"
+    with pytest.raises(FP8ConfigError, match="unknown FP8 recipe 'fp4'"):
+        FP8Config(recipe="fp4")
+    with pytest.raises(FP8ConfigError, match="fp8_format"):
+        FP8Config(fp8_format="e5m2")
+    assert parse_fp8("off") is None and parse_fp8("current") == FP8Config(recipe="current")
+
+
+def test_describe_names_the_formats():
+    assert describe(FP8Config(recipe="delayed")) == "delayed (DelayedScaling, HYBRID: E4M3 fwd / E5M2 bwd)"
+    assert describe(FP8Config(recipe="block")) == "block (Float8BlockScaling, E4M3)"
+
+
+def test_fp8_on_the_reference_backend_is_an_error_not_bf16():
+    model = TELlamaForCausalLM.from_config(tiny_config())
+    with pytest.raises(FP8ConfigError, match="reference backend"):
+        model.enable_fp8("delayed")
+    assert model.fp8_recipe_name is None
+    with pytest.raises(FP8ConfigError, match="--fp8 off"):
+        TELlamaForCausalLM.from_config(tiny_config(), fp8="auto")
+
+
+def test_old_gpus_and_odd_shapes_are_rejected(monkeypatch):
+    monkeypatch.setattr("te_llama.fp8._capability", lambda: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    with pytest.raises(FP8ConfigError, match=r"compute capability 8.9\+.*A100 is 8.0.*--fp8 off"):
+        check_fp8_possible("te")
+    monkeypatch.setattr("te_llama.fp8._capability", lambda: (9, 0))
+    with pytest.raises(FP8ConfigError, match="hidden_size=72"):
+        check_fp8_possible("te", tiny_config(hidden_size=72, num_attention_heads=4, num_key_value_heads=2))
+    check_fp8_possible("te", tiny_config())
+
+
+def test_accelerate_fp8_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(FP8ConfigError, match="--mixed_precision bf16"):
+        TELlamaForCausalLM.from_config(tiny_config()).enable_fp8("delayed")
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """Installs (when called) a stand-in for transformer_engine.pytorch that records when autocast is active."""
+    return lambda: _install_fake_te(monkeypatch)
+
+
+def _install_fake_te(monkeypatch):
+    events = []
+
+    @contextlib.contextmanager
+    def autocast(enabled=True, recipe=None):
+        events.append(("enter", recipe))
+        fake.active = True
+        try:
+            yield
+        finally:
+            fake.active = False
+            events.append(("exit", recipe))
+
+    fake = types.ModuleType("transformer_engine.pytorch")
+    fake.autocast, fake.active = autocast, False
+    package = types.ModuleType("transformer_engine")
+    package.pytorch = fake
+    monkeypatch.setitem(sys.modules, "transformer_engine", package)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", fake)
+    return fake, events
+
+
+def test_autocast_wraps_training_forwards_only(fake_te):
+    model = TELlamaForCausalLM.from_config(tiny_config())
+    fake, events = fake_te()
+    recipe = object()
+    model._fp8_recipe, model.fp8_config = recipe, FP8Config(recipe="delayed")  # as enable_fp8 on a GPU
+    seen_in_forward, seen_in_backward = [], []
+    model.model.layers[0].register_forward_hook(lambda *a: seen_in_forward.append(fake.active))
+    model.model.embed_tokens.weight.register_hook(lambda g: seen_in_backward.append(fake.active))
+    ids = torch.randint(0, 128, (2, 8))
+
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert events == [("enter", recipe), ("exit", recipe)]
+    assert seen_in_forward == [True] and seen_in_backward == [False]  # backward runs outside autocast
+
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert len(events) == 2  # evaluation runs in BF16 by default
+    model.fp8_config = FP8Config(recipe="delayed", in_eval=True)
+    with torch.no_grad():
+        model(ids)
+    assert len(events) == 4
+
+    model.disable_fp8().train()
+    model(ids, labels=ids)
+    assert len(events) == 4 and model.fp8_recipe_name is None
+
+
+def test_token_count_must_suit_fp8_gemms(fake_te):
+    model = TELlamaForCausalLM.from_config(tiny_config()).train()
+    fake_te()
+    model._fp8_recipe, model.fp8_config = object(), FP8Config(recipe="current")
+    with pytest.raises(FP8ConfigError, match="pad_to_multiple_of=16"):
+        model(torch.randint(0, 128, (1, 13)))
+
+
+def test_forward_signature_is_hf_s():
+    import inspect
+
+    parameters = inspect.signature(TELlamaForCausalLM.from_config(tiny_config()).forward).parameters
+    assert {"input_ids", "attention_mask", "position_ids", "labels"} <= set(parameters)
