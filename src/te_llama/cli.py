@@ -14,7 +14,7 @@ from te_llama.fp8 import FP8ConfigError
 from te_llama.layer import UnsupportedConfigError
 
 EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, FP8ConfigError, UnsupportedConfigError,
-                   FileExistsError)
+                   FileExistsError, ValueError)
 
 
 def _demo(args) -> int:
@@ -35,6 +35,14 @@ def _convert(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from te_llama.benchmark import bench
+
+    rows = bench(shapes=args.shapes, variants=args.variants, steps=args.steps, warmup=args.warmup, output=args.output,
+                 timeout=args.timeout)
+    return 0 if all(row["status"] in ("ok", "skipped") for row in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="te-llama", description="Hugging Face Llama on Transformer Engine, in FP8")
     parser.add_argument("-v", "--verbose", action="store_true", help="log te-llama's decisions (backend, FP8)")
@@ -53,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (the checkpoint's)")
     convert.add_argument("--device", default=None, help="cuda or cpu (default: by backend)")
     convert.set_defaults(run=_convert)
+
+    from te_llama.benchmark import SHAPES, VARIANTS
+
+    bench = commands.add_parser("bench", help="te-llama vs HF, torch.compile, Liger, torchao: one table + JSON")
+    bench.add_argument("--shapes", default="A,B,C", help=f"comma-separated, of: {', '.join(SHAPES)}")
+    bench.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--output", default="bench.json")
+    bench.add_argument("--timeout", type=int, default=600, help="seconds allowed per variant process")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -1,0 +1,271 @@
+"""``te-llama bench``: te-llama against what users would pick instead, each variant in its own process.
+
+Variants: HF BF16 (SDPA), HF BF16 + ``torch.compile``, Liger-Kernel, torchao float8 training (tensorwise,
+compiled), te-llama BF16 and te-llama FP8 per recipe. Shapes (random weights and tokens, bf16 parameters):
+
+- ``A``: Llama-3-8B layer shapes, 8 layers, batch 2 x 4096, forward with labels + backward + fused AdamW step;
+- ``B``: full Llama-3-8B (32 layers), batch 1 x 4096, forward + backward;
+- ``C``: the TE tutorial's setting, 16 layers, batch 8 x 256, with the optimizer step;
+- ``tiny``: a small model the CPU tests run end to end.
+
+Each row: median ms/step over the timed steps (after warm-up), tokens/s, model TFLOP/s, peak memory, final
+loss, ratios against the HF BF16 row of the same shape in the same run. A peer that is not installed is a
+``skipped`` row. Model FLOPs per step: ``6 * N * T + 6 * L * s * d_attn * T`` with ``N`` the parameters that
+take part in matrix products (decoder layers and LM head; not the embedding lookup), ``T`` tokens, ``L``
+layers, ``s`` sequence length, ``d_attn`` query heads x head dim (causal attention: half the score matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    batch: int
+    seq: int
+    optimizer: bool
+    config: dict
+
+    def llama_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**{**self.config, "num_hidden_layers": self.layers})
+
+
+SHAPES = {
+    "A": Shape(8, 2, 4096, True, LLAMA3_8B),
+    "B": Shape(32, 1, 4096, False, LLAMA3_8B),
+    "C": Shape(16, 8, 256, True, LLAMA3_8B),
+    "tiny": Shape(2, 2, 64, True, dict(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+}
+TE_RECIPES = ("delayed", "current", "block", "mxfp8")
+VARIANTS = ("hf_bf16", "hf_compile", "liger", "torchao_fp8", "te_bf16") + tuple(f"te_fp8_{r}" for r in TE_RECIPES)
+BASELINE = "hf_bf16"
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def model_flops_per_step(config, batch: int, seq: int) -> float:
+    """Training FLOPs of one forward + backward (see the module docstring for the formula)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size
+    matmul_params = layers * per_layer + config.vocab_size * hidden  # LM head (tied or not)
+    tokens = batch * seq
+    return 6 * matmul_params * tokens + 6 * layers * seq * q * tokens
+
+
+class Skipped(Exception):
+    """The variant cannot run here (peer not installed, no GPU, recipe unsupported)."""
+
+
+def _peer(module: str, pip_name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise Skipped(f"{pip_name} is not installed ({error})") from error
+
+
+def build_model(variant: str, shape: Shape, device: torch.device):
+    """The model for ``variant``, bf16 parameters, built directly on ``device``."""
+    config = shape.llama_config()
+    from te_llama.modeling import TELlamaForCausalLM, _default_dtype
+
+    if variant.startswith("te_"):
+        if device.type != "cuda":
+            return TELlamaForCausalLM.from_config(config, dtype=torch.float32, device=device, backend="reference")
+        recipe = variant.removeprefix("te_fp8_") if variant.startswith("te_fp8_") else None
+        from te_llama.fp8 import FP8ConfigError
+
+        try:
+            return TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te", fp8=recipe)
+        except FP8ConfigError as error:
+            raise Skipped(str(error)) from error
+    from transformers import LlamaForCausalLM
+
+    if variant == "liger":
+        _peer("liger_kernel.transformers", "liger-kernel").apply_liger_kernel_to_llama()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config._attn_implementation = "sdpa"
+    with _default_dtype(dtype), torch.device(device):
+        model = LlamaForCausalLM(config)
+    if variant == "torchao_fp8":
+        float8 = _peer("torchao.float8", "torchao")
+        float8.convert_to_float8_training(model, module_filter_fn=lambda module, name: name != "lm_head")
+    if variant in ("hf_compile", "torchao_fp8"):
+        model = torch.compile(model)
+    return model
+
+
+def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
+    """Build, warm up and time one variant in this process; returns its row."""
+    shape = SHAPES[shape_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and variant not in ("hf_bf16", "te_bf16"):
+        raise Skipped("needs a CUDA GPU")
+    torch.manual_seed(0)
+    model = build_model(variant, shape, device)
+    model.train()
+    optimizer = None
+    if shape.optimizer:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = [], None
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        (optimizer or model).zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            elapsed = begin.elapsed_time(end)
+        else:
+            elapsed = 1000 * (time.perf_counter() - start)
+        if step >= warmup:
+            times.append(elapsed)
+    ms = statistics.median(times)
+    tokens = shape.batch * shape.seq
+    flops = model_flops_per_step(shape.llama_config(), shape.batch, shape.seq)
+    return {"variant": variant, "shape": shape_name, "status": "ok", "ms_per_step": ms,
+            "tokens_per_s": tokens / ms * 1000, "model_tflops": flops / ms / 1e9,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            "final_loss": float(loss), "timed_steps": len(times)}
+
+
+def _worker(args) -> None:
+    try:
+        row = run_variant(args.worker, args.shape, args.steps, args.warmup)
+    except Skipped as reason:
+        row = {"variant": args.worker, "shape": args.shape, "status": "skipped", "reason": str(reason)}
+    except torch.cuda.OutOfMemoryError as error:
+        row = {"variant": args.worker, "shape": args.shape, "status": "oom", "reason": str(error).splitlines()[0]}
+    print(RESULT_PREFIX + json.dumps(row), flush=True)
+
+
+def environment() -> dict:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "transformer_engine", "liger_kernel", "torchao", "te-llama"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"gpu": gpu, "versions": versions}
+
+
+def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: int = 3,
+              timeout: int = 600) -> list[dict]:
+    """Every (shape, variant) in its own process, on the same GPU, one after the other."""
+    rows = []
+    for shape in shapes:
+        for variant in variants:
+            command = [sys.executable, "-m", "te_llama.benchmark", "--worker", variant, "--shape", shape,
+                       "--steps", str(steps), "--warmup", str(warmup + (3 if "compile" in variant or "ao" in variant
+                                                                         else 0))]
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                lines = [ln for ln in result.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+                row = (json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else
+                       {"variant": variant, "shape": shape, "status": "failed",
+                        "reason": (result.stderr.strip().splitlines() or ["no output"])[-1][:300]})
+            except subprocess.TimeoutExpired:
+                row = {"variant": variant, "shape": shape, "status": "failed", "reason": f"timeout after {timeout} s"}
+            rows.append(row)
+            print(format_row(row), flush=True)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up and memory ratio of each row against the HF BF16 row of the same shape."""
+    base = {r["shape"]: r for r in rows if r["variant"] == BASELINE and r["status"] == "ok"}
+    for row in rows:
+        reference = base.get(row["shape"])
+        if row["status"] == "ok" and reference:
+            row["speedup_vs_hf_bf16"] = reference["ms_per_step"] / row["ms_per_step"]
+            if row["peak_memory_gib"] and reference["peak_memory_gib"]:
+                row["memory_vs_hf_bf16"] = row["peak_memory_gib"] / reference["peak_memory_gib"]
+
+
+HEADER = f"{'shape':5s} {'variant':18s} {'ms/step':>9s} {'speedup':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} " \
+         f"{'peak GiB':>9s} {'mem ratio':>9s} {'loss':>7s}"
+
+
+def format_row(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['shape']:5s} {row['variant']:18s} {row['status']}: {row.get('reason', '')}"
+    peak = f"{row['peak_memory_gib']:9.1f}" if row.get("peak_memory_gib") is not None else f"{'-':>9s}"
+    speedup = f"{row['speedup_vs_hf_bf16']:7.2f}x" if "speedup_vs_hf_bf16" in row else f"{'':8s}"
+    memory = f"{row['memory_vs_hf_bf16']:9.2f}" if "memory_vs_hf_bf16" in row else f"{'':9s}"
+    return (f"{row['shape']:5s} {row['variant']:18s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
+            f"{row['model_tflops']:8.1f} {peak} {memory} {row['final_loss']:7.3f}")
+
+
+def write_report(rows: list[dict], path: str, command: str) -> dict:
+    report = {"command": command, "environment": environment(), "rows": rows}
+    partial = path + ".partial"
+    with open(partial, "w") as handle:
+        json.dump(report, handle, indent=1)
+    os.replace(partial, path)
+    return report
+
+
+def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int = 10, warmup: int = 3,
+          output: str = "bench.json", timeout: int = 600) -> list[dict]:
+    """Run the suite, print the table, write ``output`` (JSON with GPU and versions)."""
+    shape_list, variant_list = shapes.split(","), variants.split(",")
+    unknown = [s for s in shape_list if s not in SHAPES] + [v for v in variant_list if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown shape or variant: {', '.join(unknown)} (shapes: {', '.join(SHAPES)}; "
+                         f"variants: {', '.join(VARIANTS)})")
+    env = environment()
+    print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
+    print(HEADER)
+    rows = run_suite(shape_list, variant_list, steps, warmup, timeout)
+    print("\n" + HEADER)
+    for row in rows:
+        print(format_row(row))
+    write_report(rows, output, " ".join(["te-llama", "bench", "--shapes", shapes, "--variants", variants]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one benchmark variant (internal: used by te-llama bench)")
+    parser.add_argument("--worker", required=True, choices=VARIANTS)
+    parser.add_argument("--shape", required=True, choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    _worker(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

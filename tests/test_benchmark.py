@@ -1,0 +1,55 @@
+"""The benchmark code itself, on CPU: FLOP counting, subprocess workers, table and JSON, skipped peers."""
+
+import json
+
+import pytest
+
+from te_llama.benchmark import SHAPES, Skipped, _peer, add_ratios, format_row, model_flops_per_step, run_suite
+from te_llama.cli import main
+
+
+def test_flops_formula_by_hand():
+    config = SHAPES["A"].llama_config()
+    h, i, v, layers, seq, tokens = 4096, 14336, 128256, 8, 4096, 2 * 4096
+    per_layer = h * 4096 + 2 * h * 1024 + 4096 * h + 3 * h * i
+    expected = 6 * (layers * per_layer + v * h) * tokens + 6 * layers * seq * 4096 * tokens
+    assert model_flops_per_step(config, 2, 4096) == expected
+    # Llama-3-8B (32 layers): ~7.5B matmul parameters -> 6*N*T dominates
+    full = SHAPES["B"].llama_config()
+    assert 7.4e9 < (model_flops_per_step(full, 1, 1) - 6 * 32 * 4096) / 6 < 7.6e9
+
+
+def test_missing_peer_is_a_skip_with_the_reason():
+    with pytest.raises(Skipped, match="not-a-peer is not installed"):
+        _peer("not_a_real_module_xyz", "not-a-peer")
+
+
+def test_suite_runs_variants_in_processes_and_reports(tmp_path, capsys):
+    rows = run_suite(["tiny"], ["hf_bf16", "te_bf16", "liger"], steps=2, warmup=1)
+    by_variant = {row["variant"]: row for row in rows}
+    assert by_variant["hf_bf16"]["status"] == by_variant["te_bf16"]["status"] == "ok"
+    assert by_variant["liger"]["status"] == "skipped" and by_variant["liger"]["reason"]
+    assert by_variant["hf_bf16"]["speedup_vs_hf_bf16"] == 1.0
+    assert by_variant["te_bf16"]["tokens_per_s"] > 0 and by_variant["te_bf16"]["final_loss"] > 0
+    table = "\n".join(format_row(r) for r in rows)
+    assert "skipped" in table and "te_bf16" in table
+
+
+def test_ratios_are_against_the_same_shape():
+    rows = [dict(variant="hf_bf16", shape="A", status="ok", ms_per_step=200.0, peak_memory_gib=40.0),
+            dict(variant="te_fp8_delayed", shape="A", status="ok", ms_per_step=100.0, peak_memory_gib=30.0),
+            dict(variant="te_fp8_delayed", shape="B", status="ok", ms_per_step=50.0, peak_memory_gib=30.0)]
+    add_ratios(rows)
+    assert rows[1]["speedup_vs_hf_bf16"] == 2.0 and rows[1]["memory_vs_hf_bf16"] == 0.75
+    assert "speedup_vs_hf_bf16" not in rows[2]
+
+
+def test_cli_writes_json_with_environment(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shapes", "tiny", "--variants", "hf_bf16,te_bf16", "--steps", "2", "--warmup", "1",
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["environment"]["gpu"] == "cpu" and report["environment"]["versions"]["torch"]
+    assert [r["variant"] for r in report["rows"]] == ["hf_bf16", "te_bf16"]
+    assert "ms/step" in capsys.readouterr().out
+    assert main(["bench", "--shapes", "Z"]) == 2
