@@ -1,6 +1,5 @@
 """Backend selection: automatic, forced by env or argument, never a silent fallback."""
 
-import logging
 import subprocess
 import sys
 
@@ -37,14 +36,14 @@ def test_unknown_backend_name(monkeypatch):
         resolve_backend()
 
 
-def test_choice_is_logged_once(monkeypatch, caplog):
+def test_choice_is_logged_once_on_stderr(monkeypatch, capsys):
     import te_llama.backend as backend
 
     monkeypatch.setattr(backend, "_logged", set())
-    with caplog.at_level(logging.INFO, logger="te_llama"):
-        resolve_backend("reference")
-        resolve_backend("reference")
-    assert [r.getMessage() for r in caplog.records] == ["te-llama backend: reference (requested by argument)"]
+    resolve_backend("reference")
+    resolve_backend("reference")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "backend" in line]
+    assert lines == ["te-llama: backend reference (requested by argument)"]
 
 
 def test_import_does_not_load_transformer_engine():

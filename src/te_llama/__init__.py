@@ -7,6 +7,8 @@ is built (or ``te_llama.TELlamaDecoderLayer`` is accessed) on a machine where it
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 from te_llama.backend import BackendUnavailableError, resolve_backend
 from te_llama.checkpoint_io import CheckpointError
@@ -32,7 +34,27 @@ __all__ = [
     "resolve_backend",
 ]
 
-logging.getLogger("te_llama").addHandler(logging.NullHandler())
+# te-llama's decisions (backend, FP8 recipe) are shown once each on stderr by default, like transformers'
+# own messages; TE_LLAMA_LOG_LEVEL=WARNING silences them, or configure the "te_llama" logger yourself.
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (pytest's capture, a redirected notebook stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+_logger = logging.getLogger("te_llama")
+if not _logger.handlers:
+    _handler = _StderrHandler()
+    _handler.setFormatter(logging.Formatter("te-llama: %(message)s"))
+    _logger.addHandler(_handler)
+    _logger.setLevel(os.environ.get("TE_LLAMA_LOG_LEVEL", "INFO").upper())
+    _logger.propagate = False
 
 
 def __getattr__(name: str):

@@ -64,7 +64,7 @@ def resolve_backend(backend: str | None = None) -> Backend:
 
     if chosen not in _logged:
         _logged.add(chosen)
-        logger.info("te-llama backend: %s (%s)", chosen, why)
+        logger.info("backend %s (%s)", chosen, why)
     return chosen
 
 

@@ -182,7 +182,7 @@ def environment() -> dict:
 
 
 def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: int = 3,
-              timeout: int = 600) -> list[dict]:
+              timeout: int = 600, on_row=None) -> list[dict]:
     """Every (shape, variant) in its own process, on the same GPU, one after the other."""
     rows = []
     for shape in shapes:
@@ -200,8 +200,10 @@ def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: i
             except subprocess.TimeoutExpired:
                 row = {"variant": variant, "shape": shape, "status": "failed", "reason": f"timeout after {timeout} s"}
             rows.append(row)
+            add_ratios(rows)
             print(format_row(row), flush=True)
-    add_ratios(rows)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -250,11 +252,12 @@ def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int 
     env = environment()
     print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
     print(HEADER)
-    rows = run_suite(shape_list, variant_list, steps, warmup, timeout)
+    command = " ".join(["te-llama", "bench", "--shapes", shapes, "--variants", variants])
+    rows = run_suite(shape_list, variant_list, steps, warmup, timeout,
+                     on_row=lambda done: write_report(done, output, command))  # partial results survive a kill
     print("\n" + HEADER)
     for row in rows:
         print(format_row(row))
-    write_report(rows, output, " ".join(["te-llama", "bench", "--shapes", shapes, "--variants", variants]))
     return rows
 
 

@@ -158,7 +158,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
         self._fp8_recipe = te_recipe(config)
         self.fp8_config = config
-        logger.info("te-llama FP8 enabled: %s", describe(config))
+        logger.info("FP8 training with recipe %s", describe(config))
         return self
 
     def disable_fp8(self) -> TELlamaForCausalLM:
