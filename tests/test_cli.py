@@ -29,13 +29,31 @@ def test_ci_runs_the_readme_test_command():
     assert "test-command" in ci
     assert readme_command("test-command").endswith("python -m pytest -q")
     # both commands set up the same way and differ only in what they run
-    assert readme_command("main-command").endswith("te-llama demo")
+    assert readme_command("main-command").endswith("te-llama finetune")
+
+
+def console_script() -> list[str]:
+    executable = shutil.which("te-llama")
+    return [executable] if executable else [sys.executable, "-m", "te_llama"]
 
 
 def test_readme_main_job_through_the_console_script(tmp_path):
-    """The README's main job, `te-llama demo`, as installed (console script), on the embedded defaults."""
-    executable = shutil.which("te-llama")
-    command = [executable] if executable else [sys.executable, "-m", "te_llama"]
+    """The README's main job, `te-llama finetune` on the embedded defaults, shortened with documented flags."""
+    command = readme_command("main-command").rsplit("&& ", 1)[-1].split()
+    assert command == ["te-llama", "finetune"]
+    result = subprocess.run(console_script() + command[1:] + [
+        "--output", str(tmp_path / "run"), "--max-steps", "2", "--max-eval-blocks", "2", "--batch-tokens", "512"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert "SmolLM2" in summary["model"] and summary["eval_perplexity_after"] > 1
+    assert "reference layer, FP8 off" in result.stdout
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "run").config.num_key_value_heads == 3
+
+
+def test_demo_through_the_console_script(tmp_path):
+    command = console_script()
     result = subprocess.run(command + ["demo", "--output", str(tmp_path / "demo"), "--eval-tokens", "128",
                                        "--max-new-tokens", "12"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

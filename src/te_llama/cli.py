@@ -10,11 +10,47 @@ import sys
 from te_llama.assets import AssetError
 from te_llama.backend import BackendUnavailableError
 from te_llama.checkpoint_io import CheckpointError
+from te_llama.data import DataError
 from te_llama.fp8 import FP8ConfigError
 from te_llama.layer import UnsupportedConfigError
 
-EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, FP8ConfigError, UnsupportedConfigError,
-                   FileExistsError, ValueError)
+EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, DataError, FP8ConfigError,
+                   UnsupportedConfigError, ValueError)
+EXIT_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _finetune(args) -> int:
+    from te_llama.finetune import FinetuneConfig, finetune
+
+    fields = FinetuneConfig.__dataclass_fields__
+    config = FinetuneConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    summary = finetune(config)
+    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+def _eval(args) -> int:
+    from te_llama.finetune import eval_perplexity
+
+    result = eval_perplexity(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                             skip_bad_lines=args.skip_bad_lines, max_blocks=args.max_blocks)
+    print(f"perplexity {result['perplexity']:.4f} on {result['blocks']} blocks of {result['seq_len']} tokens")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from te_llama.backend import resolve_backend
+    from te_llama.generation import generate_text
+    from te_llama.modeling import TELlamaForCausalLM
+
+    dtype = torch.bfloat16 if resolve_backend() == "te" else torch.float32
+    model = TELlamaForCausalLM.from_pretrained(args.model, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
+    return 0
 
 
 def _demo(args) -> int:
@@ -48,6 +84,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log te-llama's decisions (backend, FP8)")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    tune = commands.add_parser("finetune", help="fine-tune a Llama checkpoint (FP8 on a GPU); embedded default")
+    tune.add_argument("--model", default=None, help="HF Llama checkpoint (default: embedded SmolLM2-135M-Instruct)")
+    tune.add_argument("--data", default=None, help=".txt, .jsonl (text or prompt/completion) or a datasets "
+                                                   "directory (default: embedded English news text)")
+    tune.add_argument("--output", default="te-llama-finetune")
+    tune.add_argument("--fp8", default="auto", help="auto, delayed, current, block, mxfp8 or off (auto: FP8 where "
+                                                    "the GPU and TE allow, said at start)")
+    tune.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 300 GPU / 12 CPU)")
+    tune.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 512 GPU / 256 CPU)")
+    tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default 16384 / 1024)")
+    tune.add_argument("--learning-rate", type=float, default=5e-5)
+    tune.add_argument("--eval-fraction", type=float, default=0.05, help="share of blocks held out for eval")
+    tune.add_argument("--max-eval-blocks", type=int, default=None)
+    tune.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    tune.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
+    tune.add_argument("--gradient-checkpointing", action="store_true")
+    tune.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines (reported)")
+    tune.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.set_defaults(run=_finetune)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a data file")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--max-blocks", type=int, default=None)
+    evaluate.add_argument("--skip-bad-lines", action="store_true")
+    evaluate.set_defaults(run=_eval)
+
+    generate = commands.add_parser("generate", help="stream a reply (chat template when the tokenizer has one)")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(run=_generate)
+
     demo = commands.add_parser("demo", help="SmolLM2-135M through te-llama: parity, round trip, generation")
     demo.add_argument("--output", default="te-llama-demo", help="directory for the checkpoint and summary.json")
     demo.add_argument("--model", default=None, help="HF Llama checkpoint (default: embedded SmolLM2-135M)")
@@ -78,11 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from te_llama.finetune import OutOfMemoryAdvice
+
     try:
         return args.run(args)
+    except OutOfMemoryAdvice as error:
+        print(f"te-llama {args.command}: out of GPU memory: {error}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except EXPECTED_ERRORS as error:
         print(f"te-llama {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"te-llama {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Training glue: Transformer Engine's FP8 scaling state in checkpoints, for the HF Trainer and plain loops.
+"""Training glue for the HF Trainer and plain loops: FP8 scaling state in checkpoints, and the callbacks
+``te-llama finetune`` uses (complete-checkpoint markers, tokens/s and perplexity in the logs, graceful stop
+on Ctrl-C/SIGTERM).
 
 Delayed scaling keeps an amax history and scaling factors per TE module. HF-format exports never contain them
 (see :mod:`te_llama.weight_mapping`), so resumable checkpoints keep them beside the weights, as plain tensors in
@@ -10,7 +12,11 @@ untrusted files). :class:`FP8StateCallback` does this for ``transformers.Trainer
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +117,82 @@ class FP8StateCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and state.global_step > 0:
             load_fp8_state(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+COMPLETE_MARKER = "te_llama_checkpoint_complete"
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks a Trainer checkpoint complete once everything in it is written (``on_save`` runs after the save).
+
+    A crash half-way through writing ``checkpoint-N`` leaves it unmarked; :func:`last_complete_checkpoint`
+    then resumes from the one before, which the crash never touched.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and directory.is_dir():
+            (directory / COMPLETE_MARKER).write_text(str(state.global_step))
+
+
+def last_complete_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest ``checkpoint-N`` under ``directory`` that :class:`CheckpointCompleteCallback` marked."""
+    candidates = []
+    for path in Path(directory).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (path / COMPLETE_MARKER).is_file():
+            candidates.append((int(step), path))
+    return max(candidates)[1] if candidates else None
+
+
+class LogExtrasCallback(TrainerCallback):
+    """Adds ``tokens_per_s`` (input tokens since the previous log / wall time) to training log lines and
+    ``eval_perplexity`` (exp of ``eval_loss``) to evaluation ones. Insert it first so printers see them."""
+
+    def __init__(self):
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "eval_loss" in logs:
+            logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 3)
+        if logs is None or "loss" not in logs or self._last is None:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        seconds = now - self._last[0]
+        if seconds > 0 and tokens > self._last[1]:
+            logs["tokens_per_s"] = round((tokens - self._last[1]) / seconds, 1)
+        self._last = (now, tokens)
+
+
+class GracefulStopCallback(TrainerCallback):
+    """On Ctrl-C or SIGTERM: finish the current step, save a resumable checkpoint, stop. A second signal aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("%s received: saving a checkpoint after this step, then stopping (again to abort)",
+                       signal.Signals(signum).name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

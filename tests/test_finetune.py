@@ -1,0 +1,219 @@
+"""te-llama finetune / eval / generate on CPU: tiny models and tiny data, outputs, resume, stops, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
+
+from conftest import random_hf_model, tiny_config
+from te_llama.assets import english_text, smollm2_checkpoint
+from te_llama.cli import main
+from te_llama.data import IGNORE, Example, read_examples, tokenize_and_pack
+from te_llama.training import COMPLETE_MARKER, last_complete_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's tokenizer (vocabulary 49152)."""
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    random_hf_model(tiny_config(vocab_size=49152, tie_word_embeddings=True, eos_token_id=2)).save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(smollm2_checkpoint() / name, directory / name)
+    return directory
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "news.txt"
+    path.write_text("\n\n".join(english_text().splitlines()[:40]))
+    return path
+
+
+def run(tiny_model, data, out, *extra):
+    return main(["finetune", "--model", str(tiny_model), "--data", str(data), "--output", str(out),
+                 "--seq-len", "64", "--batch-tokens", "128", "--max-eval-blocks", "2", *extra])
+
+
+def test_finetune_writes_a_loadable_checkpoint_plot_and_summary(tiny_model, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_model, text_file, out, "--max-steps", "4") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4 and summary["tokens"] == 4 * 128
+    assert summary["precision"] == "float32" and summary["fp8_recipe"] is None  # CPU: said, not silent
+    assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert LlamaForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == 2
+    printed = capsys.readouterr().out
+    assert "reference layer, FP8 off" in printed and "tokens_per_s" in printed and "eval_perplexity" in printed
+
+
+def test_resume_continues_the_step_count(tiny_model, text_file, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny_model, text_file, out, "--max-steps", "4", "--save-every", "2") == 0
+    assert run(tiny_model, text_file, out, "--max-steps", "6", "--save-every", "2", "--resume") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["resumed_from"].endswith("checkpoint-4")
+    logged = [row["step"] for row in summary["log_history"] if "loss" in row]
+    assert logged == sorted(set(logged)) and logged[-1] == 6
+
+
+class SignalAtStep(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_model, text_file, tmp_path, monkeypatch):
+    import te_llama.finetune as finetune_module
+
+    original = finetune_module.Trainer
+
+    class SignalledTrainer(original):
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[*callbacks, SignalAtStep(2)], **kwargs)
+
+    monkeypatch.setattr(finetune_module, "Trainer", SignalledTrainer)
+    out = tmp_path / "run"
+    assert run(tiny_model, text_file, out, "--max-steps", "6", "--save-every", "4") == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 3
+    assert last_complete_checkpoint(out / "checkpoints").name == "checkpoint-3"
+    assert not (out / "model.safetensors").exists()  # no final export from an interrupted run
+    monkeypatch.setattr(finetune_module, "Trainer", original)
+    assert run(tiny_model, text_file, out, "--max-steps", "6", "--save-every", "4", "--resume") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        if complete:
+            (directory / COMPLETE_MARKER).write_text(str(step))
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-4"
+
+
+def test_prompt_completion_trains_on_the_completion_only(tiny_model, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    blocks = tokenize_and_pack([Example(text="Paris.", prompt="Capital of France?")], tokenizer, 32)
+    prompt_len = len(tokenizer("Capital of France?", add_special_tokens=False).input_ids)
+    labels = blocks[0]["labels"]
+    assert (labels[:prompt_len] == IGNORE).all()
+    completion = tokenizer("Paris.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert labels[prompt_len:prompt_len + len(completion)].tolist() == completion
+    assert (labels[prompt_len + len(completion):] == IGNORE).all()  # padding
+
+
+def test_long_documents_are_split_not_truncated(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = english_text().splitlines()[0]
+    n = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
+    blocks = tokenize_and_pack([Example(text=text)], tokenizer, 16)
+    assert len(blocks) == -(-n // 16)
+    assert sum(int(b["attention_mask"].sum()) for b in blocks) == n
+
+
+def test_jsonl_and_datasets_inputs(tiny_model, tmp_path):
+    import datasets
+
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}."}) for i in range(50)))
+    examples, skipped = read_examples(jsonl)
+    assert len(examples) == 50 and examples[0].prompt == "Q0?" and skipped == 0
+    datasets.Dataset.from_dict({"text": english_text().splitlines()[:30]}).save_to_disk(str(tmp_path / "ds"))
+    assert run(tiny_model, tmp_path / "ds", tmp_path / "out", "--max-steps", "2") == 0
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_malformed_jsonl_lines_are_reported_by_number(tiny_model, tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    good = [json.dumps({"text": t}) for t in english_text().splitlines()[:30]]
+    path.write_text("\n".join(good[:3] + ["{not json", json.dumps({"txt": "x"})] + good[3:]))
+    assert run(tiny_model, path, tmp_path / "out", "--max-steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "2 malformed line(s): 4, 5" in err and "--skip-bad-lines" in err and "Traceback" not in err
+    assert run(tiny_model, path, tmp_path / "out", "--max-steps", "2", "--skip-bad-lines") == 0
+    assert "2 bad lines skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "directory"])
+def test_unusable_data(tiny_model, tmp_path, capsys, case):
+    path = tmp_path / "data.txt"
+    if case == "empty":
+        path.write_text("\n\n  \n")
+    elif case == "directory":
+        path.mkdir()
+    assert run(tiny_model, path, tmp_path / "out") == 2
+    message = {"missing": "no such file", "empty": "no training text", "directory": "not a datasets directory"}
+    assert message[case] in capsys.readouterr().err
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_model, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run(tiny_model, text_file, out, "--max-steps", "1") == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert run(tiny_model, text_file, out, "--max-steps", "1", "--overwrite") == 0
+    assert not (out / "keep.txt").exists()
+
+
+def test_non_llama_model_is_refused_before_output_is_touched(tiny_model, text_file, tmp_path, capsys):
+    model = tmp_path / "gpt"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    assert main(["finetune", "--model", str(model), "--data", str(text_file), "--output", str(tmp_path / "o")]) == 2
+    assert "model_type is 'gpt2'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_fp8_asked_for_on_cpu_is_an_error(tiny_model, text_file, tmp_path, capsys):
+    assert run(tiny_model, text_file, tmp_path / "out", "--fp8", "delayed") == 2
+    assert "reference backend" in capsys.readouterr().err
+
+
+def test_out_of_memory_gives_advice(tiny_model, text_file, tmp_path, capsys, monkeypatch):
+    import te_llama.finetune as finetune_module
+
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(finetune_module.Trainer, "train", oom)
+    assert run(tiny_model, text_file, tmp_path / "out") == 3
+    err = capsys.readouterr().err
+    assert "--batch-tokens" in err and "--gradient-checkpointing" in err
+
+
+# ------------------------------------------------------------------------------------------ eval, generate
+def test_eval_and_generate_commands(tiny_model, text_file, capsys):
+    assert main(["eval", "--model", str(tiny_model), "--data", str(text_file), "--seq-len", "64",
+                 "--max-blocks", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["blocks"] == 3
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
+
+
+def test_console_script_runs_finetune(tiny_model, text_file, tmp_path):
+    executable = shutil.which("te-llama")
+    command = [executable] if executable else [sys.executable, "-m", "te_llama"]
+    result = subprocess.run(command + ["finetune", "--model", str(tiny_model), "--data", str(text_file), "--output",
+                                       str(tmp_path / "out"), "--max-steps", "1", "--seq-len", "64",
+                                       "--batch-tokens", "64", "--max-eval-blocks", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "summary.json").is_file()
+    bad = subprocess.run(command + ["finetune", "--data", str(tmp_path / "nope.txt"), "--output",
+                                    str(tmp_path / "o2"), "--model", str(tiny_model)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
