@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from te_llama.layer import head_dim
+
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
                  tie_word_embeddings=False)
@@ -62,8 +64,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 def model_flops_per_step(config, batch: int, seq: int) -> float:
     """Training FLOPs of one forward + backward (see the module docstring for the formula)."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    head = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    hidden, layers, head = config.hidden_size, config.num_hidden_layers, head_dim(config)
     q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
     per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size
     matmul_params = layers * per_layer + config.vocab_size * hidden  # LM head (tied or not)
@@ -87,7 +88,7 @@ def _peer(module: str, pip_name: str):
 def build_model(variant: str, shape: Shape, device: torch.device):
     """The model for ``variant``, bf16 parameters, built directly on ``device``."""
     config = shape.llama_config()
-    from te_llama.modeling import TELlamaForCausalLM, _default_dtype
+    from te_llama.modeling import TELlamaForCausalLM, default_dtype
 
     if variant.startswith("te_"):
         if device.type != "cuda":
@@ -105,7 +106,7 @@ def build_model(variant: str, shape: Shape, device: torch.device):
         _peer("liger_kernel.transformers", "liger-kernel").apply_liger_kernel_to_llama()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config._attn_implementation = "sdpa"
-    with _default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config)
     if variant == "torchao_fp8":
         float8 = _peer("torchao.float8", "torchao")

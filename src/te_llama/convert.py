@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def convert_checkpoint(model: str | os.PathLike, output: str | os.PathLike, dtyp
     report = logits_parity(te_model, hf_model, ids)
     del hf_model
     te_model.save_pretrained(output)
-    _copy_tokenizer(Path(model), Path(output))
+    copy_tokenizer(Path(model), Path(output))
     return report
 
 
@@ -57,9 +58,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def _copy_tokenizer(source: Path, target: Path) -> None:
-    import shutil
-
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """Copy the tokenizer files a checkpoint directory has (what AutoTokenizer reads) to another."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)

@@ -61,7 +61,7 @@ def _read_dataset_dir(path: Path) -> list[Example]:
     try:
         import datasets
     except ImportError as error:
-        raise DataError(f"{path} is a datasets directory; reading it needs: pip install datasets") from error
+        raise DataError(f"{path} is a datasets directory; reading it needs: pip install 'te-llama[data]'") from error
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))

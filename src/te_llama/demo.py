@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from te_llama.assets import english_text, smollm2_checkpoint
 from te_llama.backend import default_device, resolve_backend
-from te_llama.convert import _copy_tokenizer, logits_parity
+from te_llama.convert import copy_tokenizer, logits_parity
 from te_llama.generation import generate_text
 from te_llama.modeling import TELlamaForCausalLM
 
@@ -60,7 +60,7 @@ def run_demo(output: str = "te-llama-demo", eval_tokens: int = 512, max_new_toke
 
     out = Path(output)
     te_model.save_pretrained(out / "checkpoint")
-    _copy_tokenizer(source, out / "checkpoint")
+    copy_tokenizer(source, out / "checkpoint")
     round_trip = _identical_weights(source, out / "checkpoint")
     print(f"saved {out / 'checkpoint'} (HF format); tensors identical to the source: {round_trip}")
 

@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from te_llama.layer import head_dim
+
 logger = logging.getLogger("te_llama")
 
 RecipeName = Literal["auto", "delayed", "current", "block", "mxfp8"]
@@ -90,7 +92,7 @@ def check_fp8_possible(backend: str, model_config=None) -> None:
             f"{major}.{minor}. Use --fp8 off (BF16)."
         )
     if model_config is not None:
-        head = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        head = head_dim(model_config)
         sizes = {
             "hidden_size": model_config.hidden_size,
             "intermediate_size": model_config.intermediate_size,

@@ -48,7 +48,7 @@ def resolve_dtype(value, config=None) -> torch.dtype:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -103,7 +103,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         """A randomly initialised model (HF's init: normal(0, initializer_range) weights, unit norms)."""
         backend = resolve_backend(backend)
         dtype = resolve_dtype(dtype or torch_dtype or torch.float32)
-        with _default_dtype(dtype), torch.device(device or default_device(backend)):
+        with default_dtype(dtype), torch.device(device or default_device(backend)):
             return cls(config, backend=backend, fp8=fp8)
 
     @classmethod
@@ -125,7 +125,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         files = weight_files(directory)
         backend = resolve_backend(backend)
         dtype = resolve_dtype(dtype or torch_dtype, config)
-        with _default_dtype(dtype), torch.device(device or default_device(backend)), no_init_weights():
+        with default_dtype(dtype), torch.device(device or default_device(backend)), no_init_weights():
             model = cls(config, backend=backend)
         model.tie_weights()
         load_hf_weights(model, directory, files)
