@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from te_llama import BackendUnavailableError, TELlamaForCausalLM, resolve_backend
 from conftest import tiny_config

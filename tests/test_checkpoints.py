@@ -1,7 +1,6 @@
 """Loading HF checkpoints in every layout, saving them back, and the errors for bad input."""
 
 import json
-import shutil
 
 import pytest
 import torch

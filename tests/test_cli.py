@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_config
 from te_llama.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import random_hf_model, relative_error, tiny_config
+from conftest import relative_error, tiny_config
 from te_llama import TELlamaForCausalLM
 
 CONFIGS = {

@@ -84,6 +84,11 @@ def transformer_layer_base(backend: Backend) -> type[torch.nn.Module]:
     return TransformerLayer
 
 
+def working_dtype(backend: Backend) -> torch.dtype:
+    """The dtype te-llama's commands run a model in: bf16 on the TE backend, fp32 on the reference."""
+    return torch.bfloat16 if backend == "te" else torch.float32
+
+
 def default_device(backend: Backend) -> torch.device:
     """Where a model lives when the caller does not say: the GPU for TE, the CPU for the reference."""
     return torch.device("cuda") if backend == "te" else torch.device("cpu")

@@ -72,6 +72,10 @@ def model_flops_per_step(config, batch: int, seq: int) -> float:
     return 6 * matmul_params * tokens + 6 * layers * seq * q * tokens
 
 
+class BenchmarkArgumentError(ValueError):
+    """An unknown shape or variant name."""
+
+
 class Skipped(Exception):
     """The variant cannot run here (peer not installed, no GPU, recipe unsupported)."""
 
@@ -248,7 +252,7 @@ def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int 
     shape_list, variant_list = shapes.split(","), variants.split(",")
     unknown = [s for s in shape_list if s not in SHAPES] + [v for v in variant_list if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown shape or variant: {', '.join(unknown)} (shapes: {', '.join(SHAPES)}; "
+        raise BenchmarkArgumentError(f"unknown shape or variant: {', '.join(unknown)} (shapes: {', '.join(SHAPES)}; "
                          f"variants: {', '.join(VARIANTS)})")
     env = environment()
     print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))

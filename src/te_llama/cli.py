@@ -15,7 +15,7 @@ from te_llama.fp8 import FP8ConfigError
 from te_llama.layer import UnsupportedConfigError
 
 EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, DataError, FP8ConfigError,
-                   UnsupportedConfigError, ValueError)
+                   UnsupportedConfigError)
 EXIT_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 2, 3, 130
 
 
@@ -39,15 +39,13 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
     from transformers import AutoTokenizer
 
-    from te_llama.backend import resolve_backend
+    from te_llama.backend import resolve_backend, working_dtype
     from te_llama.generation import generate_text
     from te_llama.modeling import TELlamaForCausalLM
 
-    dtype = torch.bfloat16 if resolve_backend() == "te" else torch.float32
-    model = TELlamaForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model = TELlamaForCausalLM.from_pretrained(args.model, dtype=working_dtype(resolve_backend()))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
     return 0
@@ -151,14 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from te_llama.finetune import OutOfMemoryAdvice
+    from te_llama.benchmark import BenchmarkArgumentError
+    from te_llama.finetune import FinetuneError, OutOfMemoryAdvice
 
     try:
         return args.run(args)
     except OutOfMemoryAdvice as error:
         print(f"te-llama {args.command}: out of GPU memory: {error}", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
-    except EXPECTED_ERRORS as error:
+    except (*EXPECTED_ERRORS, BenchmarkArgumentError, FinetuneError) as error:
         print(f"te-llama {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

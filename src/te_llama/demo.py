@@ -9,7 +9,6 @@ On a GPU with Transformer Engine it runs TE in bf16; elsewhere the reference lay
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -18,17 +17,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from te_llama.assets import english_text, smollm2_checkpoint
-from te_llama.backend import default_device, resolve_backend
+from te_llama.backend import default_device, resolve_backend, working_dtype
 from te_llama.convert import copy_tokenizer, logits_parity
+from te_llama.evaluate import perplexity
 from te_llama.generation import generate_text
 from te_llama.modeling import TELlamaForCausalLM
 
 PROMPT = "In two sentences, what is a bushfire and why is it dangerous?"
-
-
-def _perplexity(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        return math.exp(model(ids.to(model.device), labels=ids.to(model.device)).loss.item())
 
 
 def _identical_weights(source: Path, saved: Path) -> bool:
@@ -42,7 +37,7 @@ def run_demo(output: str = "te-llama-demo", eval_tokens: int = 512, max_new_toke
     started = time.time()
     backend = resolve_backend()
     device = default_device(backend)
-    dtype = torch.bfloat16 if backend == "te" else torch.float32
+    dtype = working_dtype(backend)
     print(f"te-llama demo: backend {backend} on {device} in {str(dtype).removeprefix('torch.')}"
           + ("" if backend == "te" else " (no GPU with Transformer Engine here: pure-PyTorch reference layer)"))
     source = Path(model) if model else smollm2_checkpoint()
@@ -53,7 +48,8 @@ def run_demo(output: str = "te-llama-demo", eval_tokens: int = 512, max_new_toke
 
     ids = tokenizer(english_text()[: eval_tokens * 8], return_tensors="pt").input_ids[:, :eval_tokens]
     parity = logits_parity(te_model, hf_model, ids)
-    ppl_hf, ppl_te = _perplexity(hf_model, ids), _perplexity(te_model, ids)
+    block = [{"input_ids": ids[0], "labels": ids[0], "attention_mask": torch.ones_like(ids[0])}]
+    ppl_hf, ppl_te = perplexity(hf_model, block, progress=False), perplexity(te_model, block, progress=False)
     print(f"parity on {ids.shape[1]} tokens of news text: max |logit diff| {parity.max_abs_logit_diff:.2e}, "
           f"relative error {parity.relative_error:.2e}")
     print(f"perplexity: transformers {ppl_hf:.4f}  te-llama {ppl_te:.4f}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 from te_llama.assets import english_text, smollm2_checkpoint
-from te_llama.backend import resolve_backend
+from te_llama.backend import resolve_backend, working_dtype
 from te_llama.checkpoint_io import CheckpointError, weight_files
 from te_llama.data import Example, read_examples, split_blocks, tokenize_and_pack
 from te_llama.evaluate import perplexity
@@ -122,8 +121,7 @@ def _plot_losses(history: list[dict], path: Path) -> None:
 
 
 def _training_arguments(config: FinetuneConfig, out: Path, on_gpu: bool, batch_size: int) -> TrainingArguments:
-    report_to = ["tensorboard"] if _tensorboard_available() else []
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    report_to = ["tensorboard"] if _tensorboard_available() else []  # logs under output_dir/runs
     return TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=config.max_steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size, learning_rate=config.learning_rate, lr_scheduler_type="cosine",
@@ -160,7 +158,7 @@ def finetune(config: FinetuneConfig) -> dict:
     _prepare_output(out, config)
 
     fp8 = parse_fp8(None if (config.fp8 == "auto" and not on_gpu) else config.fp8)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = working_dtype(backend)
     model = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -177,7 +175,7 @@ def finetune(config: FinetuneConfig) -> dict:
           + f", {len(train_blocks)} training and {len(eval_blocks)} eval blocks of {config.seq_len} tokens; "
           f"{config.max_steps} steps of {batch_size} x {config.seq_len} tokens")
     print(f"output: {out} (checkpoints every {config.save_every} steps; TensorBoard: "
-          + (f"{out / 'tensorboard'})" if _tensorboard_available() else "not installed, pip install tensorboard)"))
+          + (f"{out / 'checkpoints' / 'runs'})" if _tensorboard_available() else "not installed, pip install tensorboard)"))
 
     ppl_before = perplexity(model, eval_blocks, batch_size)
     print(f"eval perplexity before: {ppl_before:.3f}")
@@ -203,8 +201,7 @@ def finetune(config: FinetuneConfig) -> dict:
         "precision": precision, "fp8_recipe": model.fp8_recipe_name, "steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
         "tokens": int(trainer.state.num_input_tokens_seen), "train_seconds": round(result.metrics["train_runtime"], 1),
-        "tokens_per_s": round(result.metrics.get("train_tokens_per_second", 0.0)
-                              or trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
+        "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
         "eval_perplexity_before": ppl_before, "config": asdict(config),
     }
     if stopper.received:
@@ -229,7 +226,7 @@ def eval_perplexity(model: str, data: str, seq_len: int = 512, batch_size: int =
     """``te-llama eval``: perplexity of a checkpoint on a data file (all of it, or ``max_blocks`` blocks)."""
     examples, skipped = read_examples(data, skip_bad_lines)
     backend = resolve_backend()
-    te_model = TELlamaForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if backend == "te" else torch.float32)
+    te_model = TELlamaForCausalLM.from_pretrained(model, dtype=working_dtype(backend))
     tokenizer = AutoTokenizer.from_pretrained(model)
     blocks = tokenize_and_pack(examples, tokenizer, seq_len)[:max_blocks]
     value = perplexity(te_model, blocks, batch_size)
