@@ -120,6 +120,16 @@ def build_model(variant: str, shape: Shape, device: torch.device):
     return model
 
 
+def training_step(model, ids: torch.Tensor, optimizer) -> torch.Tensor:
+    """One benchmark step: forward with labels, backward, optimizer step (if any), gradients freed."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    (optimizer or model).zero_grad(set_to_none=True)
+    return loss
+
+
 def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
     """Build, warm up and time one variant in this process; returns its row."""
     shape = SHAPES[shape_name]
@@ -141,11 +151,7 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-        (optimizer or model).zero_grad(set_to_none=True)
+        loss = training_step(model, ids, optimizer)
         if device.type == "cuda":
             end.record()
             end.synchronize()

@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("finetune", help="fine-tune a Llama checkpoint (FP8 on a GPU); embedded default")
     tune.add_argument("--model", default=None, help="HF Llama checkpoint (default: embedded SmolLM2-135M-Instruct)")
     tune.add_argument("--data", default=None, help=".txt, .jsonl (text or prompt/completion) or a datasets "
-                                                   "directory (default: embedded English news text)")
+                                                   "directory (default: embedded English text)")
     tune.add_argument("--output", default="te-llama-finetune")
     tune.add_argument("--fp8", default="auto", help="auto, delayed, current, block, mxfp8 or off (auto: FP8 where "
                                                     "the GPU and TE allow, said at start)")
     tune.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 300 GPU / 12 CPU)")
     tune.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 512 GPU / 256 CPU)")
-    tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default 16384 / 1024)")
+    tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default 4096 GPU / 1024 CPU)")
     tune.add_argument("--learning-rate", type=float, default=5e-5)
     tune.add_argument("--eval-fraction", type=float, default=0.05, help="share of blocks held out for eval")
     tune.add_argument("--max-eval-blocks", type=int, default=None)
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--sample-tokens", type=int, default=40, help="length of the sample reply at the end")
     tune.set_defaults(run=_finetune)
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a data file")

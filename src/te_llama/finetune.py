@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-from te_llama.assets import english_text, smollm2_checkpoint
+from te_llama.assets import english_text, smollm2_checkpoint, wiki_articles
 from te_llama.backend import resolve_backend, working_dtype
 from te_llama.checkpoint_io import CheckpointError, weight_files
 from te_llama.data import Example, read_examples, split_blocks, tokenize_and_pack
 from te_llama.evaluate import perplexity
 from te_llama.fp8 import describe, parse_fp8
+from te_llama.generation import generate_text
 from te_llama.modeling import TELlamaForCausalLM, read_llama_config
 from te_llama.training import (
     CheckpointCompleteCallback,
@@ -33,6 +34,9 @@ from te_llama.training import (
     LogExtrasCallback,
     last_complete_checkpoint,
 )
+
+
+SAMPLE_PROMPT = "Write one sentence about a bushfire near Sydney."
 
 
 class FinetuneError(ValueError):
@@ -51,7 +55,7 @@ class FinetuneConfig:
     fp8: str = "auto"  # auto: FP8 on a GPU with TE, otherwise off (said so); or delayed/current/block/mxfp8/off
     max_steps: int | None = None  # default: 300 on a GPU, 12 on a CPU
     seq_len: int | None = None  # default: 512 on a GPU, 256 on a CPU
-    batch_tokens: int | None = None  # tokens per optimizer step; default 16384 on a GPU, 1024 on a CPU
+    batch_tokens: int | None = None  # tokens per optimizer step; default 4096 on a GPU, 1024 on a CPU
     learning_rate: float = 5e-5
     eval_fraction: float = 0.05
     max_eval_blocks: int | None = None  # default: 32 on a GPU, 6 on a CPU
@@ -62,13 +66,14 @@ class FinetuneConfig:
     resume: bool = False
     overwrite: bool = False
     seed: int = 0
+    sample_tokens: int = 40  # tokens of the sample reply generated at the end
 
 
 def _defaults(config: FinetuneConfig, on_gpu: bool) -> FinetuneConfig:
     pick = (lambda gpu, cpu: gpu) if on_gpu else (lambda gpu, cpu: cpu)
     config.max_steps = config.max_steps or pick(300, 12)
     config.seq_len = config.seq_len or pick(512, 256)
-    config.batch_tokens = config.batch_tokens or pick(16384, 1024)
+    config.batch_tokens = config.batch_tokens or pick(4096, 1024)
     config.max_eval_blocks = config.max_eval_blocks or pick(32, 6)
     config.eval_every = config.eval_every or max(1, min(100, config.max_steps // 3))
     config.save_every = config.save_every or max(config.eval_every, config.max_steps // 2)
@@ -90,27 +95,29 @@ def _prepare_output(out: Path, config: FinetuneConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _load_examples(config: FinetuneConfig) -> tuple[list[Example], str, int]:
-    if config.data is None:
+def _load_examples(config: FinetuneConfig, on_gpu: bool) -> tuple[list[Example], str, int]:
+    if config.data is None:  # the CPU default stays small enough for a 2-core machine
         examples = [Example(text=line) for line in english_text().splitlines() if line.strip()]
-        return examples, "embedded English news text (gensim's Lee corpus)", 0
+        if not on_gpu:
+            return examples, "embedded English news text (gensim's Lee corpus)", 0
+        examples += [Example(text=article) for article in wiki_articles()]
+        return examples, "embedded English text (gensim's Lee news corpus and Wikipedia excerpt)", 0
     examples, skipped = read_examples(config.data, config.skip_bad_lines)
     return examples, str(config.data), skipped
 
 
-def _plot_losses(history: list[dict], path: Path) -> None:
+def _plot_losses(history: list[dict], path: Path, eval_loss_before: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(row["step"], row["loss"]) for row in history if "loss" in row]
-    evals = [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row]
+    evals = [(0, eval_loss_before)] + [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -154,7 +161,7 @@ def finetune(config: FinetuneConfig) -> dict:
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) to tokenize "
                               "the data with")
-    examples, data_name, skipped = _load_examples(config)
+    examples, data_name, skipped = _load_examples(config, on_gpu)
     _prepare_output(out, config)
 
     fp8 = parse_fp8(None if (config.fp8 == "auto" and not on_gpu) else config.fp8)
@@ -213,7 +220,10 @@ def finetune(config: FinetuneConfig) -> dict:
         tokenizer.save_pretrained(out)
         print(f"eval perplexity after: {summary['eval_perplexity_after']:.3f} (before {ppl_before:.3f})")
         print(f"saved HF checkpoint to {out}")
-    _plot_losses(trainer.state.log_history, out / "loss_curve.png")
+        print(f"sample, prompt: {SAMPLE_PROMPT}\nreply: ", end="", flush=True)
+        text, _ = generate_text(model.eval(), tokenizer, SAMPLE_PROMPT, max_new_tokens=config.sample_tokens)
+        summary["sample"] = {"prompt": SAMPLE_PROMPT, "reply": text}
+    _plot_losses(trainer.state.log_history, out / "loss_curve.png", math.log(ppl_before))
     summary["seconds"] = round(time.time() - started, 1)
     summary["log_history"] = trainer.state.log_history
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

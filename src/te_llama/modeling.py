@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from te_llama.backend import default_device, resolve_backend
 from te_llama.checkpoint_io import CheckpointError, weight_files, write_checkpoint
 from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.layer import check_config
+from te_llama.lm_head_loss import linear_cross_entropy
 from te_llama.loading import copy_hf_tensor, load_hf_weights
 from te_llama.patching import replace_decoder_layer
 from te_llama.weight_mapping import hf_names, hf_target, te_to_hf
@@ -93,6 +95,9 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         self.generation_config.use_cache = False
         self.fp8_config: FP8Config | None = None
         self._fp8_recipe = None
+        self.chunked_lm_head_loss = True
+        """Training forwards with labels compute LM head + loss in chunks and return no logits (see
+        :mod:`te_llama.lm_head_loss`); ``False`` restores HF's full-logits path."""
         if fp8 is not None:
             self.enable_fp8(fp8)
 
@@ -176,8 +181,9 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
     @functools.wraps(LlamaForCausalLM.forward)
     def forward(self, *args, **kwargs):
+        run = self._forward_chunked_loss if self._chunked_loss_applies(args, kwargs) else super().forward
         if not self.fp8_active():
-            return super().forward(*args, **kwargs)
+            return run(*args, **kwargs)
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"][..., 0]
@@ -191,7 +197,23 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         import transformer_engine.pytorch as te
 
         with te.autocast(enabled=True, recipe=self._fp8_recipe):
-            return super().forward(*args, **kwargs)
+            return run(*args, **kwargs)
+
+    def _chunked_loss_applies(self, args: tuple, kwargs: dict) -> bool:
+        # Training with labels, where nobody reads the logits: the Trainer's and a plain loop's training step.
+        return (self.chunked_lm_head_loss and self.training and torch.is_grad_enabled() and not args
+                and kwargs.get("labels") is not None and not kwargs.get("logits_to_keep")
+                and kwargs.get("return_dict") is not False and self.lm_head.bias is None
+                and getattr(self.config, "loss_type", None) in (None, "ForCausalLM"))
+
+    def _forward_chunked_loss(self, labels: torch.Tensor, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        """HF's forward with the LM head and loss fused in chunks: ``loss`` is set, ``logits`` is ``None``."""
+        outputs = self.model(**kwargs)
+        loss = linear_cross_entropy(
+            outputs.last_hidden_state, self.lm_head.weight, labels, shift_labels=kwargs.get("shift_labels"),
+            num_items_in_batch=kwargs.get("num_items_in_batch"), ignore_index=kwargs.get("ignore_index", -100))
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         # TE layers recompute under TE's checkpoint, which restores the FP8 autocast state and recipe for the

@@ -1,0 +1,96 @@
+"""The chunked LM head + cross-entropy against HF's full-logits loss: same loss, same gradients."""
+
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from conftest import relative_error, tiny_config
+from te_llama import TELlamaForCausalLM
+from te_llama.lm_head_loss import chunk_tokens, linear_cross_entropy
+
+
+def hf_loss(hidden, weight, labels, **kwargs):
+    return ForCausalLMLoss(hidden @ weight.t(), labels, weight.shape[0], **kwargs)
+
+
+def make_inputs(dtype=torch.float32, vocab=300, hidden_size=48, batch=3, seq=50, ignored=()):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, seq, hidden_size, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=generator) * 0.2).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    for row, start in ignored:
+        labels[row, start:] = -100
+    return hidden, weight, labels
+
+
+def grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("chunk", [16, 128, 1000])
+@pytest.mark.parametrize("case", ["mean", "ignored", "num_items", "shift_labels"])
+def test_loss_and_gradients_match_hf_fp32(chunk, case):
+    hidden, weight, labels = make_inputs(ignored=((0, 30), (2, 5)) if case != "mean" else ())
+    kwargs = {}
+    if case == "num_items":
+        kwargs["num_items_in_batch"] = torch.tensor(400)
+    if case == "shift_labels":
+        kwargs["shift_labels"] = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    expected = hf_loss(hidden, weight, labels, **kwargs)
+    actual = linear_cross_entropy(hidden, weight, None if case == "shift_labels" else labels, chunk=chunk, **kwargs)
+    assert abs(actual.item() - expected.item()) / expected.item() < 1e-6
+    for a, e in zip(grads(actual * 0.7, hidden, weight), grads(expected * 0.7, hidden, weight)):
+        assert relative_error(a, e) < 1e-5
+
+
+def test_bf16_matches_hf_within_bf16_rounding():
+    hidden, weight, labels = make_inputs(torch.bfloat16, vocab=1000, hidden_size=64, seq=64)
+    exact = hf_loss(hidden.float(), weight.float(), labels)
+    expected, actual = hf_loss(hidden, weight, labels), linear_cross_entropy(hidden, weight, labels, chunk=32)
+    assert abs(actual.item() - expected.item()) < 1e-3 * expected.item()
+    oracle = grads(exact, *(t for t in (hidden, weight)))
+    for a, e, o in zip(grads(actual, hidden, weight), grads(expected, hidden, weight), oracle):
+        # no further from the fp32 result than HF's own bf16 gradients, up to bf16 rounding
+        assert relative_error(a, o) < relative_error(e, o) * 1.5 + 1e-3
+
+
+def test_chunk_size_holds_about_256_mib_of_logits():
+    assert chunk_tokens(128256) == 512
+    assert chunk_tokens(49152) == 1280
+    assert chunk_tokens(10**7) == 128
+
+
+def train_step(model, ids, labels, **kwargs):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_training_step_matches_full_logits_path(hf_checkpoint, tied):
+    directory, _ = hf_checkpoint(tiny_config(tie_word_embeddings=tied))
+    model = TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, device="cpu").train()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[1, 25:] = -100
+    chunked, chunked_grads = train_step(model, ids, labels, num_items_in_batch=torch.tensor(70))
+    model.chunked_lm_head_loss = False
+    full, full_grads = train_step(model, ids, labels, num_items_in_batch=torch.tensor(70))
+    assert chunked.logits is None and full.logits is not None
+    assert abs(chunked.loss.item() - full.loss.item()) < 1e-6 * full.loss.item()
+    assert chunked_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        assert relative_error(chunked_grads[name], full_grads[name]) < 1e-5, name
+
+
+def test_eval_and_no_grad_forwards_keep_logits(hf_checkpoint):
+    directory, _ = hf_checkpoint()
+    model = TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 128, (1, 16))
+    assert model(input_ids=ids, labels=ids).logits is not None  # eval mode
+    model.train()
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).logits is not None
+    assert model(input_ids=ids).logits is not None  # no labels
+    assert model(input_ids=ids, labels=ids).logits is None
