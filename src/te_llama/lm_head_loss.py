@@ -5,16 +5,23 @@ cross-entropy; autograd then keeps the float32 logits, their log-softmax and the
 128,256-token vocabulary and 4,096 tokens that is about 1 GiB of bf16 logits plus three float32 copies of 2 GiB
 each at the start of the backward pass, where memory peaks.
 
-:func:`linear_cross_entropy` computes the same loss a chunk of tokens at a time and, while a chunk's float32
-log-probabilities exist, their gradient ``(softmax - one_hot) / n``, cast to the model's dtype as autograd casts
-it through HF's ``.float()``. Backward then runs the LM head's two gradient matrix products over the whole batch,
-as HF's backward does. Memory: the batch's logit gradient in the model's dtype plus one chunk's float32
-log-probabilities (about 256 MiB), instead of HF's logits, their float32 copy, log-softmax and gradient.
+:func:`linear_cross_entropy` computes the same loss a chunk of tokens at a time and, while a chunk's logits
+exist, their gradient ``(softmax - one_hot) / n`` in float32, cast to the model's dtype as autograd casts it
+through HF's ``.float()``. Backward then runs the LM head's two gradient matrix products over the whole batch, as
+HF's backward does. On CUDA the per-chunk softmax, loss and gradient run as one ``torch.compile``-fused step
+(two passes over the logits instead of eager PyTorch's float32 copy, log-softmax, exp and scaling passes). Memory:
+the batch's logit gradient in the model's dtype plus one chunk's logits, instead of HF's logits, their float32
+copy, log-softmax and gradient.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+
+logger = logging.getLogger("te_llama")
 
 CHUNK_LOGIT_BYTES = 256 * 2**20
 """Float32 logits held at once: the chunk size is this divided by 4 x vocabulary size, in tokens."""
@@ -30,24 +37,65 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tens
     return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
+def loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
+                        grad_out: torch.Tensor) -> torch.Tensor:
+    """One chunk: ``sum(row_scale * cross_entropy(logits, targets))``, returned, and its gradient with respect to
+    the logits, ``(softmax - one_hot) * row_scale`` in float32, written into ``grad_out`` (the model's dtype).
+
+    Written as plain tensor expressions so that ``torch.compile`` fuses it into two passes over the logits (the
+    row reductions, then the gradient) instead of eager PyTorch's float32 copies of every intermediate.
+    """
+    x = logits.float()
+    log_normalizer = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = ((log_normalizer[:, 0] - x.gather(1, targets[:, None])[:, 0]) * row_scale).sum()
+    probabilities = torch.exp(x - log_normalizer)
+    is_target = torch.arange(x.shape[-1], device=x.device)[None, :] == targets[:, None]
+    grad_out.copy_(torch.where(is_target, probabilities - 1.0, probabilities) * row_scale[:, None])
+    return loss
+
+
+_compiled_step = None
+
+
+def _chunk_step(device: torch.device):
+    """The compiled chunk step on CUDA (unless ``TE_LLAMA_COMPILE_LOSS=0``), else the eager function."""
+    global _compiled_step
+    if device.type != "cuda" or os.environ.get("TE_LLAMA_COMPILE_LOSS", "1") == "0":
+        return loss_and_logit_grad
+    if _compiled_step is None:
+        _compiled_step = torch.compile(loss_and_logit_grad, fullgraph=True)
+    return _compiled_step
+
+
+def _disable_compiled_step(error: Exception) -> None:
+    global _compiled_step
+    logger.warning("torch.compile failed for the LM-head loss (%s: %s); using eager PyTorch, which is slower and "
+                   "holds more float32 temporaries. Set TE_LLAMA_COMPILE_LOSS=0 to skip the attempt.",
+                   type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    _compiled_step = loss_and_logit_grad
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, divisor, ignore_index: int, chunk: int):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets != ignore_index
-        safe_targets = targets.masked_fill(~valid, 0)[:, None]
+        safe_targets = targets.masked_fill(~valid, 0)
         row_scale = valid.to(torch.float32) / divisor.to(torch.float32)  # d loss / d row loss
-        grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0]) if need_grad else None
+        grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        step = _chunk_step(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            log_probs = torch.log_softmax(hidden[rows] @ weight.t(), dim=-1, dtype=torch.float32)
-            total -= (log_probs.gather(1, safe_targets[rows])[:, 0] * row_scale[rows]).sum()
-            if need_grad:  # d loss / d logits = (softmax - one_hot) * row scale, cast once to the model dtype
-                probabilities = log_probs.exp_()
-                probabilities.scatter_add_(1, safe_targets[rows], -valid[rows, None].to(torch.float32))
-                torch.mul(probabilities, row_scale[rows, None], out=grad_logits[rows])
-            del log_probs
+            logits = hidden[rows] @ weight.t()
+            arguments = (logits, safe_targets[rows], row_scale[rows], grad_logits[rows])
+            try:
+                total += step(*arguments)
+            except Exception as error:  # noqa: BLE001 - inductor raises many types; fall back, loudly
+                if step is loss_and_logit_grad:
+                    raise
+                _disable_compiled_step(error)
+                step = loss_and_logit_grad
+                total += step(*arguments)
         ctx.save_for_backward(grad_logits, hidden, weight)
         return total
 
