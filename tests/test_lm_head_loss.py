@@ -97,11 +97,11 @@ def test_eval_and_no_grad_forwards_keep_logits(hf_checkpoint):
 
 
 def test_compiled_chunk_step_matches_eager():
-    """The step CUDA runs through torch.compile (inductor on CPU here): same loss and gradient, one graph per
-    chunk shape (the full chunks and the remainder), whatever the chunk's offset in the gradient buffer."""
+    """The step CUDA runs through torch.compile (inductor on CPU here) and the in-place eager step: same loss and
+    gradient; one graph per chunk shape (full chunks, remainder), whatever the chunk's offset in the buffer."""
     from torch._dynamo.utils import counters
 
-    from te_llama.lm_head_loss import loss_and_logit_grad
+    from te_llama.lm_head_loss import loss_and_logit_grad, loss_and_logit_grad_eager
 
     torch._dynamo.reset()
     counters.clear()
@@ -110,13 +110,15 @@ def test_compiled_chunk_step_matches_eager():
     logits = torch.randn(160, 300, generator=generator).bfloat16()
     targets = torch.randint(0, 300, (160,), generator=generator)
     scale = torch.rand(160, generator=generator)
-    fused, eager = torch.empty(160, 300, dtype=torch.bfloat16), torch.empty(160, 300, dtype=torch.bfloat16)
+    fused, plain, eager = (torch.empty(160, 300, dtype=torch.bfloat16) for _ in range(3))
     for start in range(0, 160, 64):
         rows = slice(start, start + 64)
         a = compiled(logits[rows], targets[rows], scale[rows], fused[rows])
-        b = loss_and_logit_grad(logits[rows], targets[rows], scale[rows], eager[rows])
-        assert abs(a.item() - b.item()) < 1e-5 * abs(b.item())
-    assert (fused.float() - eager.float()).abs().max().item() < 1e-2 * eager.float().abs().max().item()
+        b = loss_and_logit_grad(logits[rows], targets[rows], scale[rows], plain[rows])
+        c = loss_and_logit_grad_eager(logits[rows], targets[rows], scale[rows], eager[rows])
+        assert abs(a.item() - b.item()) < 1e-5 * abs(b.item()) and abs(c.item() - b.item()) < 1e-5 * abs(b.item())
+    for other in (fused, eager):
+        assert (other.float() - plain.float()).abs().max().item() < 1e-2 * plain.float().abs().max().item()
     assert counters["stats"]["unique_graphs"] == 2
 
 
@@ -132,5 +134,5 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     with caplog.at_level("WARNING", logger="te_llama"):
         actual = linear_cross_entropy(hidden, weight, labels, chunk=64)
     assert "torch.compile failed for the LM-head loss (RuntimeError: inductor exploded)" in caplog.text
-    assert module._compiled_step is module.loss_and_logit_grad
+    assert module._compiled_step is module.loss_and_logit_grad_eager
     assert abs(actual.item() - hf_loss(hidden, weight, labels).item()) < 1e-6 * actual.item()

@@ -188,6 +188,10 @@ def environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    if versions["te-llama"] is None:  # run from a source tree without installing
+        from te_llama import __version__
+
+        versions["te-llama"] = __version__
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"gpu": gpu, "versions": versions}
 

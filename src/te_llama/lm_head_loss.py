@@ -54,14 +54,26 @@ def loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: 
     return loss
 
 
+def loss_and_logit_grad_eager(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
+                              grad_out: torch.Tensor) -> torch.Tensor:
+    """:func:`loss_and_logit_grad` with in-place eager operations: one float32 temporary per chunk instead of
+    several (used on the CPU and wherever the compiled step is off)."""
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    loss = -(log_probs.gather(1, targets[:, None])[:, 0] * row_scale).sum()
+    probabilities = log_probs.exp_()
+    probabilities.scatter_add_(1, targets[:, None], probabilities.new_full((targets.shape[0], 1), -1.0))
+    torch.mul(probabilities, row_scale[:, None], out=grad_out)
+    return loss
+
+
 _compiled_step = None
 
 
 def _chunk_step(device: torch.device):
-    """The compiled chunk step on CUDA (unless ``TE_LLAMA_COMPILE_LOSS=0``), else the eager function."""
+    """The compiled chunk step on CUDA (unless ``TE_LLAMA_COMPILE_LOSS=0``), else the eager one."""
     global _compiled_step
     if device.type != "cuda" or os.environ.get("TE_LLAMA_COMPILE_LOSS", "1") == "0":
-        return loss_and_logit_grad
+        return loss_and_logit_grad_eager
     if _compiled_step is None:
         _compiled_step = torch.compile(loss_and_logit_grad, fullgraph=True)
     return _compiled_step
@@ -72,7 +84,7 @@ def _disable_compiled_step(error: Exception) -> None:
     logger.warning("torch.compile failed for the LM-head loss (%s: %s); using eager PyTorch, which is slower and "
                    "holds more float32 temporaries. Set TE_LLAMA_COMPILE_LOSS=0 to skip the attempt.",
                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-    _compiled_step = loss_and_logit_grad
+    _compiled_step = loss_and_logit_grad_eager
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -91,10 +103,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             try:
                 total += step(*arguments)
             except Exception as error:  # noqa: BLE001 - inductor raises many types; fall back, loudly
-                if step is loss_and_logit_grad:
+                if step is loss_and_logit_grad_eager:
                     raise
                 _disable_compiled_step(error)
-                step = loss_and_logit_grad
+                step = loss_and_logit_grad_eager
                 total += step(*arguments)
         ctx.save_for_backward(grad_logits, hidden, weight)
         return total
