@@ -136,3 +136,22 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     assert "torch.compile failed for the LM-head loss (RuntimeError: inductor exploded)" in caplog.text
     assert module._compiled_step is module.loss_and_logit_grad_eager
     assert abs(actual.item() - hf_loss(hidden, weight, labels).item()) < 1e-6 * actual.item()
+
+
+def test_wrapped_lm_head_takes_hf_path(hf_checkpoint):
+    """A replaced LM head (an adapter, a quantized module) is called as a module, so its own forward counts."""
+    directory, _ = hf_checkpoint()
+    model = TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, device="cpu").train()
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    head = Scaled(64, 128, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    ids = torch.randint(0, 128, (1, 16))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is not None
+    model.lm_head = torch.nn.Linear(64, 128, bias=False)
+    assert model(input_ids=ids, labels=ids).logits is None

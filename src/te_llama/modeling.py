@@ -2,6 +2,7 @@
 
 Embeddings, final norm, LM head, ``generate()`` and the ``Trainer`` interface stay HF's. Loading reads a
 local HF checkpoint directory straight into TE's parameters; saving writes the standard HF layout back.
+Training forwards with labels compute the LM head and loss in chunks (:mod:`te_llama.lm_head_loss`).
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         # Training with labels, where nobody reads the logits: the Trainer's and a plain loop's training step.
         return (self.chunked_lm_head_loss and self.training and torch.is_grad_enabled() and not args
                 and kwargs.get("labels") is not None and not kwargs.get("logits_to_keep")
-                and kwargs.get("return_dict") is not False and self.lm_head.bias is None
+                and kwargs.get("return_dict") is not False
+                and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None  # not wrapped (LoRA, ...)
                 and getattr(self.config, "loss_type", None) in (None, "ForCausalLM"))
 
     def _forward_chunked_loss(self, labels: torch.Tensor, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
