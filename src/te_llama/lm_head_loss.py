@@ -81,8 +81,8 @@ def _chunk_step(device: torch.device):
 
 def _disable_compiled_step(error: Exception) -> None:
     global _compiled_step
-    logger.warning("torch.compile failed for the LM-head loss (%s: %s); using eager PyTorch, which is slower and "
-                   "holds more float32 temporaries. Set TE_LLAMA_COMPILE_LOSS=0 to skip the attempt.",
+    logger.warning("torch.compile failed for the LM-head loss (%s: %s); using the eager step, which makes several "
+                   "passes over each chunk's logits. Set TE_LLAMA_COMPILE_LOSS=0 to skip the attempt.",
                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
     _compiled_step = loss_and_logit_grad_eager
 
