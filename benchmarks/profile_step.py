@@ -26,9 +26,9 @@ from te_llama.benchmark import SHAPES, VARIANTS, build_model, environment, train
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
     ("attention", ("fmha", "flash", "attn", "cudnn_generated", "sdpa")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "sm90_")),
+    ("activation", ("gated_act", "swiglu", "silu", "gelu")),
     ("fp8 cast/transpose/amax", ("cast", "transpose", "quantize", "amax", "scale", "fp8")),
     ("norm", ("rmsnorm", "norm")),
-    ("activation", ("swiglu", "silu", "gelu", "glu")),
     ("rope", ("rope", "rotary")),
     ("loss", ("softmax", "cross_entropy", "nll", "logsumexp", "gather", "scatter")),
     ("optimizer", ("adam", "multi_tensor")),

@@ -53,3 +53,29 @@ def test_cli_writes_json_with_environment(tmp_path, capsys):
     assert [r["variant"] for r in report["rows"]] == ["hf_bf16", "te_bf16"]
     assert "ms/step" in capsys.readouterr().out
     assert main(["bench", "--shapes", "Z"]) == 2
+
+
+def _profile_step_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kernel, expected", [
+    ("nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT", "gemm"),
+    ("cast_transpose_optimized_kernel(__nv_bfloat16 const*, float const*, __nv_fp8_e4m3*", "fp8 cast/transpose/amax"),
+    ("void transformer_engine::(anonymous namespace)::amax_kernel<16, true, __nv_bfloat16>", "fp8 cast/transpose/amax"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy", "other (elementwise, copies)"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>", "loss"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>", "optimizer"),
+    ("void transformer_engine::dgated_act_kernel<16, true, float>", "activation"),
+])
+def test_profiler_kernel_categories(kernel, expected):
+    """PyTorch's ``..._nocast`` elementwise kernels are not FP8 casts (they once were counted as such)."""
+    assert _profile_step_module().category(kernel) == expected
