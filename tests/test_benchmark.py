@@ -31,6 +31,7 @@ def test_suite_runs_variants_in_processes_and_reports(tmp_path, capsys):
     assert by_variant["liger"]["status"] == "skipped" and by_variant["liger"]["reason"]
     assert by_variant["hf_bf16"]["speedup_vs_hf_bf16"] == 1.0
     assert by_variant["te_bf16"]["tokens_per_s"] > 0 and by_variant["te_bf16"]["final_loss"] > 0
+    assert all(row["process_s"] > 0 for row in rows)  # each variant's process time, startup and compile included
     table = "\n".join(format_row(r) for r in rows)
     assert "skipped" in table and "te_bf16" in table
 

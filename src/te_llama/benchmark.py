@@ -205,6 +205,7 @@ def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: i
             command = [sys.executable, "-m", "te_llama.benchmark", "--worker", variant, "--shape", shape,
                        "--steps", str(steps), "--warmup", str(warmup + (3 if "compile" in variant or "ao" in variant
                                                                          else 0))]
+            started = time.perf_counter()
             try:
                 result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -214,6 +215,7 @@ def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: i
                         "reason": (result.stderr.strip().splitlines() or ["no output"])[-1][:300]})
             except subprocess.TimeoutExpired:
                 row = {"variant": variant, "shape": shape, "status": "failed", "reason": f"timeout after {timeout} s"}
+            row["process_s"] = round(time.perf_counter() - started, 1)  # where the suite's wall time goes
             rows.append(row)
             add_ratios(rows)
             print(format_row(row), flush=True)
