@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from te_llama.benchmark import SHAPES, VARIANTS, build_model, environment, training_step
+from te_llama.benchmark import SHAPES, VARIANTS, environment, prepare_variant, training_step
 
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
     ("attention", ("fmha", "flash", "attn", "cudnn_generated", "sdpa")),
@@ -128,14 +128,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 
-    shape = SHAPES[args.shape]
-    torch.manual_seed(0)
-    model = build_model(args.variant, shape, torch.device("cuda"))
+    model, optimizer, ids = prepare_variant(args.variant, SHAPES[args.shape], torch.device("cuda"))
     if args.full_logits:
         model.chunked_lm_head_loss = False
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True) if shape.optimizer else None
-    ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device="cuda")
     for _ in range(args.warmup):
         training_step(model, ids, optimizer)
     report = {"variant": args.variant, "shape": args.shape, "full_logits": args.full_logits, **environment(),

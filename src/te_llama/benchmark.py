@@ -130,12 +130,8 @@ def training_step(model, ids: torch.Tensor, optimizer) -> torch.Tensor:
     return loss
 
 
-def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
-    """Build, warm up and time one variant in this process; returns its row."""
-    shape = SHAPES[shape_name]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and variant not in ("hf_bf16", "te_bf16"):
-        raise Skipped("needs a CUDA GPU")
+def prepare_variant(variant: str, shape: Shape, device: torch.device):
+    """(model in training mode, optimizer or ``None``, token batch) for one benchmark variant, seeded."""
     torch.manual_seed(0)
     model = build_model(variant, shape, device)
     model.train()
@@ -143,6 +139,16 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
     if shape.optimizer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device=device)
+    return model, optimizer, ids
+
+
+def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
+    """Build, warm up and time one variant in this process; returns its row."""
+    shape = SHAPES[shape_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and variant not in ("hf_bf16", "te_bf16"):
+        raise Skipped("needs a CUDA GPU")
+    model, optimizer, ids = prepare_variant(variant, shape, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, loss = [], None

@@ -1,10 +1,11 @@
 """``te-llama finetune``: fine-tune a Llama checkpoint with te-llama on the HF Trainer, FP8 on a GPU.
 
-With no ``--model``/``--data`` it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded English news
-text. It reports perplexity on a held-out split before and after, logs loss, learning rate and tokens/s (stdout
-and TensorBoard when installed), checkpoints every N steps (resumable with ``--resume``: same data order, FP8
-scaling state restored), stops cleanly on Ctrl-C/SIGTERM with a checkpoint, and leaves an HF checkpoint, a
-loss-curve PNG and ``summary.json`` in ``--output``.
+With no ``--model``/``--data`` it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded English text
+(the news corpus; on a GPU also the Wikipedia excerpt). It reports perplexity on a held-out split before and
+after, logs loss, learning rate and tokens/s (stdout and TensorBoard when installed), checkpoints every N steps
+(resumable with ``--resume``: same data order, FP8 scaling state restored), stops cleanly on Ctrl-C/SIGTERM
+with a checkpoint, and leaves an HF checkpoint, a loss-curve PNG, a sample reply and ``summary.json`` in
+``--output``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class OutOfMemoryAdvice(RuntimeError):
 @dataclass
 class FinetuneConfig:
     model: str | None = None  # HF Llama checkpoint directory; None: embedded SmolLM2-135M-Instruct
-    data: str | None = None  # .txt, .jsonl or datasets directory; None: embedded English news text
+    data: str | None = None  # .txt, .jsonl or datasets directory; None: embedded English text
     output: str = "te-llama-finetune"
     fp8: str = "auto"  # auto: FP8 on a GPU with TE, otherwise off (said so); or delayed/current/block/mxfp8/off
     max_steps: int | None = None  # default: 300 on a GPU, 12 on a CPU
