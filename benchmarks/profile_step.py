@@ -6,6 +6,11 @@ For one variant and shape of ``te-llama bench``, after warm-up steps:
   from ``torch.profiler`` over ``--steps`` steps, with the GPU-idle share of the wall time;
 - memory: parameters, what one forward leaves allocated for backward, what autograd saved by dtype (tensors
   that are parameters excluded), and the step's peak;
+- the host synchronisations one step makes (``torch.cuda.set_sync_debug_mode``), by source line, and the
+  step time without the profiler, against which the kernel time gives the GPU-idle share;
+- with ``--gaps``: where the GPU waits for the host. From a trace of one step, each gap between kernels is
+  charged to what the host was doing when it launched the kernel after the gap (the innermost profiler range
+  open at the launch: a module's forward, marked here with hooks, or an autograd backward node);
 - for te-llama variants, whether each layer's Q, K and V weights are consecutive views of one buffer (TE then
   concatenates them for free; otherwise it copies them every forward).
 
@@ -17,11 +22,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import statistics
+import tempfile
 import time
+import traceback
+import warnings
 
 import torch
 
-from te_llama.benchmark import SHAPES, VARIANTS, environment, prepare_variant, training_step
+from te_llama.benchmark import VARIANTS, SHAPES, environment, prepare_variant, training_step
 
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
     ("attention", ("fmha", "flash", "attn", "cudnn_generated", "sdpa")),
@@ -92,6 +102,121 @@ def saved_for_backward(model, ids, device_type: str = "cuda") -> dict:
             "saved_total_gib": hooked / gib, "not_seen_by_hooks_gib": (after_forward - before - hooked) / gib}
 
 
+def host_syncs(model, ids, optimizer) -> dict[str, int]:
+    """Where one training step makes the host wait for the GPU: the innermost calling frames -> count."""
+    found = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            frames = [f for f in traceback.extract_stack()[:-1] if os.path.basename(f.filename) != "warnings.py"][-4:]
+            found.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames)))
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            training_step(model, ids, optimizer)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return dict(collections.Counter(found).most_common())
+
+
+def step_ms(model, ids, optimizer, steps: int = 5) -> float:
+    """Median step time without the profiler (CUDA events)."""
+    times = []
+    for _ in range(steps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        training_step(model, ids, optimizer)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+GPU_BUSY = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _mark_modules(model) -> list:
+    """Profiler ranges around the forward of each decoder layer and its TE sub-modules, the embedding and the
+    final norm (hooks; removed by the caller)."""
+    from torch.autograd.profiler import record_function
+
+    handles = []
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if not (short in ("embed_tokens", "norm", "layernorm_qkv", "core_attention", "proj", "layernorm_mlp")
+                or name.count(".") == 2 and ".layers." in name):
+            continue
+        label = f"fwd {type(module).__name__}" + (f" {short}" if short not in type(module).__name__ else "")
+
+        def enter(module, args, label=label):
+            module._profile_range = record_function(label)
+            module._profile_range.__enter__()
+
+        def leave(module, args, output):
+            module._profile_range.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def idle_gaps(model, ids, optimizer, top: int = 15, threshold_us: float = 20.0) -> dict:
+    """GPU idle time within one profiled step, charged to the host-side range that launched the next kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    handles = _mark_modules(model)
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            training_step(model, ids, optimizer)
+            torch.cuda.synchronize()
+    finally:
+        for handle in handles:
+            handle.remove()
+    with tempfile.TemporaryDirectory() as scratch:
+        trace_path = os.path.join(scratch, "trace.json")
+        prof.export_chrome_trace(trace_path)
+        with open(trace_path) as handle:
+            return charge_gaps(json.load(handle)["traceEvents"], top, threshold_us)
+
+
+def charge_gaps(trace_events: list[dict], top: int = 15, threshold_us: float = 20.0) -> dict:
+    """Gaps between GPU kernels in a Chrome trace, each charged to the innermost host range (module mark,
+    autograd node, optimizer step, else any op) open when the kernel after the gap was launched."""
+    events = [e for e in trace_events if e.get("ph") == "X"]
+    busy = sorted((e for e in events if e.get("cat") in GPU_BUSY), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ranges = collections.defaultdict(list)  # host thread -> ranges (ops, module marks, backward nodes)
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation"):
+            ranges[e["tid"]].append(e)
+
+    def innermost(launch) -> str:
+        inside = [r for r in ranges[launch["tid"]] if r["ts"] <= launch["ts"] <= r["ts"] + r["dur"]]
+        named = [r for r in inside if r["name"].startswith(("fwd ", "autograd::engine", "Optimizer"))]
+        chosen = max(named or inside, key=lambda r: r["ts"], default=None)
+        return chosen["name"][:120] if chosen else "(no range)"
+
+    gaps, end = [], None
+    for kernel in busy:
+        if end is not None and kernel["ts"] - end > threshold_us:
+            gaps.append((kernel["ts"] - end, kernel))
+        end = kernel["ts"] + kernel["dur"] if end is None else max(end, kernel["ts"] + kernel["dur"])
+    by_range = collections.Counter()
+    for gap_us, kernel in gaps:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        by_range[innermost(launch) if launch else "(launch not found)"] += gap_us / 1000
+    largest = sorted(gaps, key=lambda g: -g[0])[:top]
+    return {"step_span_ms": (end - busy[0]["ts"]) / 1000 if busy else 0.0, "gaps_over_us": threshold_us,
+            "gaps": len(gaps), "gaps_ms": sum(g for g, _ in gaps) / 1000,
+            "gap_ms_by_launching_range": dict(by_range.most_common(top)),
+            "largest_gaps": [(round(g / 1000, 3), k["name"][:80]) for g, k in largest]}
+
+
 def kernel_profile(model, ids, optimizer, steps: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -125,6 +250,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--full-logits", action="store_true", help="te-llama: HF's LM head + loss path")
+    parser.add_argument("--gaps", action="store_true", help="also charge GPU idle gaps to host-side ranges")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 
@@ -140,12 +266,21 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     report["memory"] = saved_for_backward(model, ids)
     report["memory"]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    report["host_syncs"] = host_syncs(model, ids, optimizer)
+    report["ms_per_step_unprofiled"] = step_ms(model, ids, optimizer)
     report["profile"] = kernel_profile(model, ids, optimizer, args.steps, args.top)
+    report["gpu_idle_share_unprofiled"] = max(0.0, 1 - report["profile"]["kernel_ms_per_step"]
+                                              / report["ms_per_step_unprofiled"])
+    if args.gaps:
+        report["idle_gaps"] = idle_gaps(model, ids, optimizer)
+        print(json.dumps(report["idle_gaps"], indent=1))
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
     print(json.dumps({k: report[k] for k in ("variant", "shape", "full_logits")} | {"memory": report["memory"],
           "qkv": report.get("qkv_layout"), "by_category_ms": report["profile"]["by_category_ms"],
-          "wall_ms": report["profile"]["wall_ms_per_step_profiled"], "idle": report["profile"]["gpu_idle_share"]}, indent=1))
+          "wall_ms": report["profile"]["wall_ms_per_step_profiled"], "idle": report["profile"]["gpu_idle_share"],
+          "ms_unprofiled": report["ms_per_step_unprofiled"], "idle_unprofiled": report["gpu_idle_share_unprofiled"],
+          "host_syncs": report["host_syncs"]}, indent=1))
     for name, ms in report["profile"]["top_kernels_ms"][:12]:
         print(f"{ms:8.2f} ms  {name[:110]}")
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from te_llama.benchmark import SHAPES, Skipped, _peer, add_ratios, format_row, model_flops_per_step, run_suite
 from te_llama.cli import main
@@ -25,15 +26,24 @@ def test_missing_peer_is_a_skip_with_the_reason():
 
 
 def test_suite_runs_variants_in_processes_and_reports(tmp_path, capsys):
-    rows = run_suite(["tiny"], ["hf_bf16", "te_bf16", "liger"], steps=2, warmup=1)
+    rows = run_suite(["tiny"], ["hf_bf16", "te_bf16", "liger", "te_fp8_current"], steps=2, warmup=1)
     by_variant = {row["variant"]: row for row in rows}
     assert by_variant["hf_bf16"]["status"] == by_variant["te_bf16"]["status"] == "ok"
     assert by_variant["liger"]["status"] == "skipped" and by_variant["liger"]["reason"]
+    assert (by_variant["te_fp8_current"]["status"], by_variant["te_fp8_current"]["reason"]) == ("skipped",
+                                                                                                 "needs a CUDA GPU")
+    assert set(by_variant["te_bf16"]["seconds"]) == {"build", "warmup", "timed"}
     assert by_variant["hf_bf16"]["speedup_vs_hf_bf16"] == 1.0
     assert by_variant["te_bf16"]["tokens_per_s"] > 0 and by_variant["te_bf16"]["final_loss"] > 0
-    assert all(row["process_s"] > 0 for row in rows)  # each variant's process time, startup and compile included
+    assert all(row["process_s"] > 0 for row in rows if row["status"] == "ok")  # startup and compile included
+    assert "process_s" not in by_variant["liger"]  # skipped without starting a process
     table = "\n".join(format_row(r) for r in rows)
     assert "skipped" in table and "te_bf16" in table
+
+
+def test_a_process_past_its_timeout_is_a_failed_row():
+    rows = run_suite(["tiny"], ["te_bf16"], steps=2, warmup=1, timeout=0.5)
+    assert rows[0]["status"] == "failed" and rows[0]["reason"] == "timeout after 0.5 s"
 
 
 def test_ratios_are_against_the_same_shape():
@@ -80,3 +90,73 @@ def _profile_step_module():
 def test_profiler_kernel_categories(kernel, expected):
     """PyTorch's ``..._nocast`` elementwise kernels are not FP8 casts (they once were counted as such)."""
     assert _profile_step_module().category(kernel) == expected
+
+
+def test_idle_gaps_are_charged_to_the_range_that_launched_the_next_kernel():
+    def x(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+    trace = [
+        x("user_annotation", "fwd TELlamaDecoderLayer", 0, 100),
+        x("cpu_op", "aten::mm", 5, 5), x("cuda_runtime", "cudaLaunchKernel", 6, 1, correlation=1),
+        x("cpu_op", "aten::add", 60, 5), x("cuda_runtime", "cudaLaunchKernel", 61, 1, correlation=2),
+        x("cpu_op", "autograd::engine::evaluate_function: MmBackward0", 200, 50),
+        x("cuda_runtime", "cudaLaunchKernel", 210, 1, correlation=3),
+        x("kernel", "gemm", 10, 20, tid=7, correlation=1),       # busy 10..30
+        x("kernel", "add", 62, 3, tid=7, correlation=2),         # 32 us gap, launched inside the layer's forward
+        x("kernel", "gemm_bwd", 215, 10, tid=7, correlation=3),  # 150 us gap, launched by the backward node
+        {"ph": "i", "name": "marker", "ts": 0},
+    ]
+    gaps = _profile_step_module().charge_gaps(trace, threshold_us=20)
+    assert gaps["gaps"] == 2 and gaps["gaps_ms"] == pytest.approx(0.182)
+    assert gaps["gap_ms_by_launching_range"] == {"autograd::engine::evaluate_function: MmBackward0": 0.15,
+                                                 "fwd TELlamaDecoderLayer": 0.032}
+    assert gaps["largest_gaps"][0] == (0.15, "gemm_bwd") and gaps["step_span_ms"] == pytest.approx(0.215)
+
+
+def test_host_syncs_are_reported_with_their_callers(monkeypatch):
+    import warnings
+
+    profile_step = _profile_step_module()
+
+    def step(model, ids, optimizer):
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+
+    monkeypatch.setattr(profile_step, "training_step", step)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    syncs = profile_step.host_syncs(None, None, None)
+    (callers, count), = syncs.items()
+    assert count == 1 and callers.startswith("test_benchmark.py:") and callers.split(" <- ")[0].endswith(" step")
+
+
+def test_skip_reason_without_starting_a_process(monkeypatch):
+    import importlib.util
+
+    from te_llama.benchmark import skip_reason
+
+    assert skip_reason("hf_bf16") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    assert skip_reason("liger") == "liger-kernel is not installed"
+
+
+def test_compiled_peers_compile_one_layer_graph_for_all_layers():
+    """HF's default use_cache=True made each layer recompile until dynamo's limit of 8, leaving later layers of
+    the 16- and 32-layer shapes uncompiled; the peers now build their models without a KV cache."""
+    import torch._dynamo.utils
+
+    from te_llama.benchmark import SHAPES, Shape, build_model, compile_regions
+
+    shape = Shape(10, 2, 32, True, SHAPES["tiny"].config)
+    model = build_model("hf_bf16", shape, torch.device("cpu"))
+    assert model.config.use_cache is False
+    compile_regions(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ids = torch.randint(0, 512, (2, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one decoder-layer graph, one loss graph
+    torch._dynamo.reset()

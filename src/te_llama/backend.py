@@ -92,3 +92,21 @@ def working_dtype(backend: Backend) -> torch.dtype:
 def default_device(backend: Backend) -> torch.device:
     """Where a model lives when the caller does not say: the GPU for TE, the CPU for the reference."""
     return torch.device("cuda") if backend == "te" else torch.device("cpu")
+
+
+def te_attention_backend() -> str | None:
+    """The attention kernel TE chose for its latest ``DotProductAttention`` call, e.g. ``"FusedAttention
+    F16_arbitrary_seqlen"`` (cuDNN's flash attention in BF16) or ``"FusedAttention FP8"``; ``None`` before TE
+    has run attention."""
+    import sys
+
+    module = sys.modules.get("transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention")
+    chosen = getattr(module, "_attention_backends", None)
+    if not chosen or chosen.get("attention_params") is None:
+        return None
+    if chosen["use_flash_attention"]:
+        return f"FlashAttention {chosen['flash_attention_backend']}"
+    if chosen["use_fused_attention"]:
+        backend = chosen["fused_attention_backend"]
+        return f"FusedAttention {getattr(backend, 'name', backend)}"
+    return "UnfusedDotProductAttention" if chosen["use_unfused_attention"] else None

@@ -1,7 +1,10 @@
 """``te-llama bench``: te-llama against what users would pick instead, each variant in its own process.
 
 Variants: HF BF16 (SDPA), HF BF16 + ``torch.compile``, Liger-Kernel, torchao float8 training (tensorwise,
-compiled), te-llama BF16 and te-llama FP8 per recipe. Shapes (random weights and tokens, bf16 parameters):
+compiled), te-llama BF16 and te-llama FP8 per recipe. The compiled variants compile each decoder layer and the
+loss function (regional compilation, as torchtitan does): one compiled layer serves all layers, so compiling
+takes seconds instead of minutes. A variant's process runs the requested shapes one after the other, a fresh
+model each, with GPU memory released in between. Shapes (random weights and tokens, bf16 parameters):
 
 - ``A``: Llama-3-8B layer shapes, 8 layers, batch 2 x 4096, forward with labels + backward + fused AdamW step;
 - ``B``: full Llama-3-8B (32 layers), batch 1 x 4096, forward + backward;
@@ -110,14 +113,30 @@ def build_model(variant: str, shape: Shape, device: torch.device):
         _peer("liger_kernel.transformers", "liger-kernel").apply_liger_kernel_to_llama()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config._attn_implementation = "sdpa"
+    # Training needs no KV cache (te-llama's model does not make one). With HF's default use_cache=True every
+    # layer passes its own layer_idx to the cache, so a compiled layer recompiles for each layer and dynamo's
+    # recompile limit (8) leaves the layers after the eighth uncompiled.
+    config.use_cache = False
     with default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config)
     if variant == "torchao_fp8":
         float8 = _peer("torchao.float8", "torchao")
         float8.convert_to_float8_training(model, module_filter_fn=lambda module, name: name != "lm_head")
     if variant in ("hf_compile", "torchao_fp8"):
-        model = torch.compile(model)
+        compile_regions(model)
     return model
+
+
+def compile_regions(model) -> None:
+    """``torch.compile`` each decoder layer and the loss function, as torchtitan compiles its blocks.
+
+    The layers share one compiled graph (compiled once, not once per layer; needs ``use_cache=False``), which
+    keeps compile time to seconds instead of minutes for a 32-layer model; the compiled loss fuses HF's float32
+    upcast of the logits into the cross-entropy, as compiling the whole model does.
+    """
+    for layer in model.model.layers:
+        layer.compile()
+    model.loss_function = torch.compile(model.loss_function)
 
 
 def training_step(model, ids: torch.Tensor, optimizer) -> torch.Tensor:
@@ -148,11 +167,15 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and variant not in ("hf_bf16", "te_bf16"):
         raise Skipped("needs a CUDA GPU")
+    started = time.perf_counter()
     model, optimizer, ids = prepare_variant(variant, shape, device)
+    built = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, loss = [], None
     for step in range(warmup + steps):
+        if step == warmup:
+            warm = time.perf_counter()
         start = time.perf_counter()
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -169,20 +192,43 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
     ms = statistics.median(times)
     tokens = shape.batch * shape.seq
     flops = model_flops_per_step(shape.llama_config(), shape.batch, shape.seq)
-    return {"variant": variant, "shape": shape_name, "status": "ok", "ms_per_step": ms,
-            "tokens_per_s": tokens / ms * 1000, "model_tflops": flops / ms / 1e9,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            "final_loss": float(loss), "timed_steps": len(times)}
+    row = {"variant": variant, "shape": shape_name, "status": "ok", "ms_per_step": ms,
+           "tokens_per_s": tokens / ms * 1000, "model_tflops": flops / ms / 1e9,
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+           "final_loss": float(loss), "timed_steps": len(times),
+           "seconds": {"build": round(built - started, 1), "warmup": round(warm - built, 1),
+                       "timed": round(time.perf_counter() - warm, 1)}}
+    if variant.startswith("te_") and device.type == "cuda":
+        from te_llama.backend import te_attention_backend
+
+        row["attention_backend"] = te_attention_backend()
+    return row
+
+
+def _release_gpu() -> None:
+    """Free what the previous shape left behind, so the next shape's peak memory is its own."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    if "transformer_engine.pytorch" in sys.modules:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+        FP8GlobalStateManager.reset()
 
 
 def _worker(args) -> None:
-    try:
-        row = run_variant(args.worker, args.shape, args.steps, args.warmup)
-    except Skipped as reason:
-        row = {"variant": args.worker, "shape": args.shape, "status": "skipped", "reason": str(reason)}
-    except torch.cuda.OutOfMemoryError as error:
-        row = {"variant": args.worker, "shape": args.shape, "status": "oom", "reason": str(error).splitlines()[0]}
-    print(RESULT_PREFIX + json.dumps(row), flush=True)
+    for shape in args.shapes.split(","):
+        try:
+            row = run_variant(args.worker, shape, args.steps, args.warmup)
+        except Skipped as reason:
+            row = {"variant": args.worker, "shape": shape, "status": "skipped", "reason": str(reason)}
+        except torch.cuda.OutOfMemoryError as error:
+            row = {"variant": args.worker, "shape": shape, "status": "oom", "reason": str(error).splitlines()[0]}
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
+        _release_gpu()
 
 
 def environment() -> dict:
@@ -202,31 +248,70 @@ def environment() -> dict:
     return {"gpu": gpu, "versions": versions}
 
 
+def _parse_rows(stdout: str | bytes | None) -> list[dict]:
+    if isinstance(stdout, bytes):
+        stdout = stdout.decode(errors="replace")
+    return [json.loads(line[len(RESULT_PREFIX):]) for line in (stdout or "").splitlines()
+            if line.startswith(RESULT_PREFIX)]
+
+
+def skip_reason(variant: str) -> str | None:
+    """Why ``variant`` cannot run on this machine, found without starting its process (no GPU, a peer that is
+    not installed, an FP8 recipe this GPU lacks), or ``None``."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        return None if variant in ("hf_bf16", "te_bf16") else "needs a CUDA GPU"
+    peers = {"liger": ("liger_kernel", "liger-kernel"), "torchao_fp8": ("torchao", "torchao")}
+    if variant in peers and importlib.util.find_spec(peers[variant][0]) is None:
+        return f"{peers[variant][1]} is not installed"
+    if variant.startswith("te_fp8_") and importlib.util.find_spec("transformer_engine") is not None:
+        from te_llama.fp8 import FP8Config, FP8ConfigError, te_recipe
+
+        try:
+            te_recipe(FP8Config(recipe=variant.removeprefix("te_fp8_")))
+        except FP8ConfigError as error:
+            return str(error)
+    return None
+
+
 def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: int = 3,
               timeout: int = 600, on_row=None) -> list[dict]:
-    """Every (shape, variant) in its own process, on the same GPU, one after the other."""
+    """Each variant in its own process on the same GPU, one after the other; a process runs the shapes in turn
+    (a fresh model each, memory released in between). ``timeout`` is per shape."""
     rows = []
-    for shape in shapes:
-        for variant in variants:
-            command = [sys.executable, "-m", "te_llama.benchmark", "--worker", variant, "--shape", shape,
-                       "--steps", str(steps), "--warmup", str(warmup + (3 if "compile" in variant or "ao" in variant
-                                                                         else 0))]
-            started = time.perf_counter()
-            try:
-                result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                lines = [ln for ln in result.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-                row = (json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else
-                       {"variant": variant, "shape": shape, "status": "failed",
-                        "reason": (result.stderr.strip().splitlines() or ["no output"])[-1][:300]})
-            except subprocess.TimeoutExpired:
-                row = {"variant": variant, "shape": shape, "status": "failed", "reason": f"timeout after {timeout} s"}
-            row["process_s"] = round(time.perf_counter() - started, 1)  # where the suite's wall time goes
+    for variant in variants:
+        reason = skip_reason(variant)
+        if reason is not None:
+            for shape in shapes:
+                rows.append({"variant": variant, "shape": shape, "status": "skipped", "reason": reason})
+                print(format_row(rows[-1]), flush=True)
+            if on_row is not None:
+                on_row(rows)
+            continue
+        extra_warmup = 3 if variant in ("hf_compile", "torchao_fp8") else 0
+        command = [sys.executable, "-m", "te_llama.benchmark", "--worker", variant, "--shapes", ",".join(shapes),
+                   "--steps", str(steps), "--warmup", str(warmup + extra_warmup)]
+        started = time.perf_counter()
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout * len(shapes),
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            done, failure = _parse_rows(result.stdout), (result.stderr.strip().splitlines() or ["no output"])[-1]
+        except subprocess.TimeoutExpired as error:
+            done, failure = _parse_rows(error.stdout), f"timeout after {timeout * len(shapes)} s"
+        process_s = round(time.perf_counter() - started, 1)  # start-up included: where the suite's time goes
+        finished = {row["shape"] for row in done}
+        done += [{"variant": variant, "shape": shape, "status": "failed", "reason": failure[:300]}
+                 for shape in shapes if shape not in finished]
+        for row in done:
+            row["process_s"] = process_s
             rows.append(row)
             add_ratios(rows)
             print(format_row(row), flush=True)
-            if on_row is not None:
-                on_row(rows)
+        if on_row is not None:
+            on_row(rows)
+    order = {name: i for i, name in enumerate(variants)}
+    rows.sort(key=lambda row: (shapes.index(row["shape"]), order[row["variant"]]))
     return rows
 
 
@@ -241,22 +326,22 @@ def add_ratios(rows: list[dict]) -> None:
                 row["memory_vs_hf_bf16"] = row["peak_memory_gib"] / reference["peak_memory_gib"]
 
 
-HEADER = f"{'shape':5s} {'variant':18s} {'ms/step':>9s} {'speedup':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} " \
+HEADER = f"{'shape':5s} {'variant':22s} {'ms/step':>9s} {'speedup':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} " \
          f"{'peak GiB':>9s} {'mem ratio':>9s} {'loss':>7s}"
 
 
 def format_row(row: dict) -> str:
     if row["status"] != "ok":
-        return f"{row['shape']:5s} {row['variant']:18s} {row['status']}: {row.get('reason', '')}"
+        return f"{row['shape']:5s} {row['variant']:22s} {row['status']}: {row.get('reason', '')}"
     peak = f"{row['peak_memory_gib']:9.1f}" if row.get("peak_memory_gib") is not None else f"{'-':>9s}"
     speedup = f"{row['speedup_vs_hf_bf16']:7.2f}x" if "speedup_vs_hf_bf16" in row else f"{'':8s}"
     memory = f"{row['memory_vs_hf_bf16']:9.2f}" if "memory_vs_hf_bf16" in row else f"{'':9s}"
-    return (f"{row['shape']:5s} {row['variant']:18s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
+    return (f"{row['shape']:5s} {row['variant']:22s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
             f"{row['model_tflops']:8.1f} {peak} {memory} {row['final_loss']:7.3f}")
 
 
-def write_report(rows: list[dict], path: str, command: str) -> dict:
-    report = {"command": command, "environment": environment(), "rows": rows}
+def write_report(rows: list[dict], path: str, command: str, suite_s: float | None = None) -> dict:
+    report = {"command": command, "environment": environment(), "suite_s": suite_s, "rows": rows}
     partial = path + ".partial"
     with open(partial, "w") as handle:
         json.dump(report, handle, indent=1)
@@ -271,23 +356,27 @@ def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int 
     unknown = [s for s in shape_list if s not in SHAPES] + [v for v in variant_list if v not in VARIANTS]
     if unknown:
         raise BenchmarkArgumentError(f"unknown shape or variant: {', '.join(unknown)} (shapes: {', '.join(SHAPES)}; "
-                         f"variants: {', '.join(VARIANTS)})")
+                                     f"variants: {', '.join(VARIANTS)})")
     env = environment()
     print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
     print(HEADER)
     command = " ".join(["te-llama", "bench", "--shapes", shapes, "--variants", variants])
+    started = time.perf_counter()
     rows = run_suite(shape_list, variant_list, steps, warmup, timeout,
                      on_row=lambda done: write_report(done, output, command))  # partial results survive a kill
+    suite_s = time.perf_counter() - started
+    write_report(rows, output, command, suite_s)
     print("\n" + HEADER)
     for row in rows:
         print(format_row(row))
+    print(f"suite: {len(rows)} rows in {suite_s / 60:.1f} min")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="one benchmark variant (internal: used by te-llama bench)")
     parser.add_argument("--worker", required=True, choices=VARIANTS)
-    parser.add_argument("--shape", required=True, choices=list(SHAPES))
+    parser.add_argument("--shapes", required=True, help="comma-separated, run one after the other")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     _worker(parser.parse_args())

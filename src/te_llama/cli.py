@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--output", default="bench.json")
-    bench.add_argument("--timeout", type=int, default=600, help="seconds allowed per variant process")
+    bench.add_argument("--timeout", type=int, default=600, help="seconds allowed per variant and shape")
     bench.set_defaults(run=_bench)
     return parser
 
