@@ -137,6 +137,7 @@ def test_skip_reason_without_starting_a_process(monkeypatch):
     from te_llama.benchmark import skip_reason
 
     assert skip_reason("hf_bf16") is None
+    assert skip_reason("hf_bf16", "B") == "shape B needs a CUDA GPU (use --shapes tiny on a CPU)"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))

@@ -255,12 +255,14 @@ def _parse_rows(stdout: str | bytes | None) -> list[dict]:
             if line.startswith(RESULT_PREFIX)]
 
 
-def skip_reason(variant: str) -> str | None:
-    """Why ``variant`` cannot run on this machine, found without starting its process (no GPU, a peer that is
-    not installed, an FP8 recipe this GPU lacks), or ``None``."""
+def skip_reason(variant: str, shape: str = "tiny") -> str | None:
+    """Why ``variant`` cannot run ``shape`` on this machine, found without starting a process (no GPU, a peer
+    that is not installed, an FP8 recipe this GPU lacks), or ``None``."""
     import importlib.util
 
     if not torch.cuda.is_available():
+        if shape != "tiny":
+            return f"shape {shape} needs a CUDA GPU (use --shapes tiny on a CPU)"
         return None if variant in ("hf_bf16", "te_bf16") else "needs a CUDA GPU"
     peers = {"liger": ("liger_kernel", "liger-kernel"), "torchao_fp8": ("torchao", "torchao")}
     if variant in peers and importlib.util.find_spec(peers[variant][0]) is None:
@@ -275,36 +277,39 @@ def skip_reason(variant: str) -> str | None:
     return None
 
 
+def _run_worker(variant: str, shapes: list[str], steps: int, warmup: int, timeout: int) -> list[dict]:
+    """One process for ``variant`` over ``shapes``: its rows, with a failed row for each shape it did not report."""
+    extra_warmup = 3 if variant in ("hf_compile", "torchao_fp8") else 0
+    command = [sys.executable, "-m", "te_llama.benchmark", "--worker", variant, "--shapes", ",".join(shapes),
+               "--steps", str(steps), "--warmup", str(warmup + extra_warmup)]
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout * len(shapes),
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        rows, failure = _parse_rows(result.stdout), (result.stderr.strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired as error:
+        rows, failure = _parse_rows(error.stdout), f"timeout after {timeout * len(shapes)} s"
+    reported = {row["shape"] for row in rows}
+    rows += [{"variant": variant, "shape": shape, "status": "failed", "reason": failure[:300]}
+             for shape in shapes if shape not in reported]
+    for row in rows:
+        row["process_s"] = round(time.perf_counter() - started, 1)  # start-up included: where the suite's time goes
+    return rows
+
+
 def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: int = 3,
               timeout: int = 600, on_row=None) -> list[dict]:
     """Each variant in its own process on the same GPU, one after the other; a process runs the shapes in turn
     (a fresh model each, memory released in between). ``timeout`` is per shape."""
     rows = []
     for variant in variants:
-        reason = skip_reason(variant)
-        if reason is not None:
-            for shape in shapes:
-                rows.append({"variant": variant, "shape": shape, "status": "skipped", "reason": reason})
-                print(format_row(rows[-1]), flush=True)
-            if on_row is not None:
-                on_row(rows)
-            continue
-        extra_warmup = 3 if variant in ("hf_compile", "torchao_fp8") else 0
-        command = [sys.executable, "-m", "te_llama.benchmark", "--worker", variant, "--shapes", ",".join(shapes),
-                   "--steps", str(steps), "--warmup", str(warmup + extra_warmup)]
-        started = time.perf_counter()
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout * len(shapes),
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            done, failure = _parse_rows(result.stdout), (result.stderr.strip().splitlines() or ["no output"])[-1]
-        except subprocess.TimeoutExpired as error:
-            done, failure = _parse_rows(error.stdout), f"timeout after {timeout * len(shapes)} s"
-        process_s = round(time.perf_counter() - started, 1)  # start-up included: where the suite's time goes
-        finished = {row["shape"] for row in done}
-        done += [{"variant": variant, "shape": shape, "status": "failed", "reason": failure[:300]}
-                 for shape in shapes if shape not in finished]
-        for row in done:
-            row["process_s"] = process_s
+        skipped = {shape: reason for shape in shapes if (reason := skip_reason(variant, shape)) is not None}
+        new = [{"variant": variant, "shape": shape, "status": "skipped", "reason": reason}
+               for shape, reason in skipped.items()]
+        to_run = [shape for shape in shapes if shape not in skipped]
+        if to_run:
+            new += _run_worker(variant, to_run, steps, warmup, timeout)
+        for row in new:
             rows.append(row)
             add_ratios(rows)
             print(format_row(row), flush=True)
