@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from te_llama.benchmark import VARIANTS, SHAPES, environment, prepare_variant, training_step
+from te_llama.benchmark import SHAPES, VARIANTS, environment, prepare_variant, time_steps, training_step
 
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
     ("attention", ("fmha", "flash", "attn", "cudnn_generated", "sdpa")),
@@ -121,19 +121,6 @@ def host_syncs(model, ids, optimizer) -> dict[str, int]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return dict(collections.Counter(found).most_common())
-
-
-def step_ms(model, ids, optimizer, steps: int = 5) -> float:
-    """Median step time without the profiler (CUDA events)."""
-    times = []
-    for _ in range(steps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        training_step(model, ids, optimizer)
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
 
 
 GPU_BUSY = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -267,7 +254,7 @@ def main() -> None:
     report["memory"] = saved_for_backward(model, ids)
     report["memory"]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     report["host_syncs"] = host_syncs(model, ids, optimizer)
-    report["ms_per_step_unprofiled"] = step_ms(model, ids, optimizer)
+    report["ms_per_step_unprofiled"] = statistics.median(time_steps(model, ids, optimizer, 5)[0])
     report["profile"] = kernel_profile(model, ids, optimizer, args.steps, args.top)
     report["gpu_idle_share_unprofiled"] = max(0.0, 1 - report["profile"]["kernel_ms_per_step"]
                                               / report["ms_per_step_unprofiled"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from typing import Literal
 
 import torch
@@ -98,8 +99,6 @@ def te_attention_backend() -> str | None:
     """The attention kernel TE chose for its latest ``DotProductAttention`` call, e.g. ``"FusedAttention
     F16_arbitrary_seqlen"`` (cuDNN's flash attention in BF16) or ``"FusedAttention FP8"``; ``None`` before TE
     has run attention."""
-    import sys
-
     module = sys.modules.get("transformer_engine.pytorch.attention.dot_product_attention.dot_product_attention")
     chosen = getattr(module, "_attention_backends", None)
     if not chosen or chosen.get("attention_params") is None:

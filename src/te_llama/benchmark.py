@@ -161,34 +161,39 @@ def prepare_variant(variant: str, shape: Shape, device: torch.device):
     return model, optimizer, ids
 
 
+def time_steps(model, ids: torch.Tensor, optimizer, steps: int) -> tuple[list[float], torch.Tensor | None]:
+    """Milliseconds of each of ``steps`` training steps (CUDA events on a GPU, wall clock on a CPU) and the last
+    step's loss."""
+    times, loss = [], None
+    for _ in range(steps):
+        start = time.perf_counter()
+        if ids.device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            loss = training_step(model, ids, optimizer)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            loss = training_step(model, ids, optimizer)
+            times.append(1000 * (time.perf_counter() - start))
+    return times, loss
+
+
 def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
     """Build, warm up and time one variant in this process; returns its row."""
     shape = SHAPES[shape_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and variant not in ("hf_bf16", "te_bf16"):
-        raise Skipped("needs a CUDA GPU")
+    if (reason := skip_reason(variant, shape_name)) is not None:
+        raise Skipped(reason)
     started = time.perf_counter()
     model, optimizer, ids = prepare_variant(variant, shape, device)
     built = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, loss = [], None
-    for step in range(warmup + steps):
-        if step == warmup:
-            warm = time.perf_counter()
-        start = time.perf_counter()
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        loss = training_step(model, ids, optimizer)
-        if device.type == "cuda":
-            end.record()
-            end.synchronize()
-            elapsed = begin.elapsed_time(end)
-        else:
-            elapsed = 1000 * (time.perf_counter() - start)
-        if step >= warmup:
-            times.append(elapsed)
+    time_steps(model, ids, optimizer, warmup)
+    warm = time.perf_counter()
+    times, loss = time_steps(model, ids, optimizer, steps)
     ms = statistics.median(times)
     tokens = shape.batch * shape.seq
     flops = model_flops_per_step(shape.llama_config(), shape.batch, shape.seq)
