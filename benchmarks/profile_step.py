@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from te_llama.benchmark import SHAPES, VARIANTS, environment, prepare_variant, time_steps, training_step
+from te_llama.benchmark import SHAPES, parse_variant, environment, prepare_variant, time_steps, training_step
 
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
     ("attention", ("fmha", "flash", "attn", "cudnn_generated", "sdpa")),
@@ -231,7 +231,7 @@ def kernel_profile(model, ids, optimizer, steps: int, top: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", required=True, choices=VARIANTS)
+    parser.add_argument("--variant", required=True, type=parse_variant)
     parser.add_argument("--shape", default="B", choices=list(SHAPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)

@@ -184,6 +184,11 @@ def test_fp8_asked_for_on_cpu_is_an_error(tiny_model, text_file, tmp_path, capsy
     assert "reference backend" in capsys.readouterr().err
 
 
+def test_cuda_graphs_asked_for_on_cpu_is_an_error_before_output_is_touched(tiny_model, text_file, tmp_path, capsys):
+    assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs") == 2
+    assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_out_of_memory_gives_advice(tiny_model, text_file, tmp_path, capsys, monkeypatch):
     import te_llama.finetune as finetune_module
 

@@ -12,6 +12,7 @@ import sys
 
 from te_llama.backend import BackendUnavailableError, resolve_backend
 from te_llama.checkpoint_io import CheckpointError
+from te_llama.cuda_graphs import CudaGraphError
 from te_llama.fp8 import FP8Config, FP8ConfigError
 from te_llama.layer import KVCacheNotSupportedError, UnsupportedConfigError, decoder_layer_class
 from te_llama.modeling import TELlamaForCausalLM
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
+    "CudaGraphError",
     "FP8Config",
     "FP8ConfigError",
     "FP8StateCallback",

@@ -60,7 +60,10 @@ SHAPES = {
                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
 }
 TE_RECIPES = ("delayed", "current", "block", "mxfp8")
-VARIANTS = ("hf_bf16", "hf_compile", "liger", "torchao_fp8", "te_bf16") + tuple(f"te_fp8_{r}" for r in TE_RECIPES)
+GRAPHS = "_graphs"  # suffix of te-llama variants that replay the decoder layers as CUDA graphs
+TE_VARIANTS = ("te_bf16",) + tuple(f"te_fp8_{r}" for r in TE_RECIPES)
+VARIANTS = ("hf_bf16", "hf_compile", "liger", "torchao_fp8") + TE_VARIANTS + ("te_fp8_delayed" + GRAPHS,)
+"""The suite's default variants; any te-llama variant also runs with CUDA graphs (``te_bf16_graphs``, ...)."""
 BASELINE = "hf_bf16"
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -100,13 +103,14 @@ def build_model(variant: str, shape: Shape, device: torch.device):
     if variant.startswith("te_"):
         if device.type != "cuda":
             return TELlamaForCausalLM.from_config(config, dtype=torch.float32, device=device, backend="reference")
-        recipe = variant.removeprefix("te_fp8_") if variant.startswith("te_fp8_") else None
         from te_llama.fp8 import FP8ConfigError
 
         try:
-            return TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te", fp8=recipe)
+            model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te",
+                                                   fp8=te_recipe_name(variant))
         except FP8ConfigError as error:
             raise Skipped(str(error)) from error
+        return model.enable_cuda_graphs() if variant.endswith(GRAPHS) else model
     from transformers import LlamaForCausalLM
 
     if variant == "liger":
@@ -125,6 +129,15 @@ def build_model(variant: str, shape: Shape, device: torch.device):
     if variant in ("hf_compile", "torchao_fp8"):
         compile_regions(model)
     return model
+
+
+def is_variant(name: str) -> bool:
+    return name in VARIANTS or name.removesuffix(GRAPHS) in TE_VARIANTS
+
+
+def te_recipe_name(variant: str) -> str | None:
+    """The FP8 recipe of a te-llama variant (``te_fp8_delayed_graphs`` -> ``delayed``), ``None`` for BF16."""
+    return variant.removesuffix(GRAPHS).removeprefix("te_fp8_") if variant.startswith("te_fp8_") else None
 
 
 def compile_regions(model) -> None:
@@ -200,6 +213,7 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
     row = {"variant": variant, "shape": shape_name, "status": "ok", "ms_per_step": ms,
            "tokens_per_s": tokens / ms * 1000, "model_tflops": flops / ms / 1e9,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
            "final_loss": float(loss), "timed_steps": len(times),
            "seconds": {"build": round(built - started, 1), "warmup": round(warm - built, 1),
                        "timed": round(time.perf_counter() - warm, 1)}}
@@ -276,7 +290,7 @@ def skip_reason(variant: str, shape: str = "tiny") -> str | None:
         from te_llama.fp8 import FP8Config, FP8ConfigError, te_recipe
 
         try:
-            te_recipe(FP8Config(recipe=variant.removeprefix("te_fp8_")))
+            te_recipe(FP8Config(recipe=te_recipe_name(variant)))
         except FP8ConfigError as error:
             return str(error)
     return None
@@ -332,22 +346,25 @@ def add_ratios(rows: list[dict]) -> None:
         reference = base.get(row["shape"])
         if row["status"] == "ok" and reference:
             row["speedup_vs_hf_bf16"] = reference["ms_per_step"] / row["ms_per_step"]
-            if row["peak_memory_gib"] and reference["peak_memory_gib"]:
-                row["memory_vs_hf_bf16"] = row["peak_memory_gib"] / reference["peak_memory_gib"]
+            for key, ratio in (("peak_memory_gib", "memory_vs_hf_bf16"), ("peak_reserved_gib", "reserved_vs_hf_bf16")):
+                if row.get(key) and reference.get(key):
+                    row[ratio] = row[key] / reference[key]
 
 
 HEADER = f"{'shape':5s} {'variant':22s} {'ms/step':>9s} {'speedup':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} " \
-         f"{'peak GiB':>9s} {'mem ratio':>9s} {'loss':>7s}"
+         f"{'peak GiB':>9s} {'mem ratio':>9s} {'reserved':>9s} {'res ratio':>9s} {'loss':>7s}"
 
 
 def format_row(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['shape']:5s} {row['variant']:22s} {row['status']}: {row.get('reason', '')}"
-    peak = f"{row['peak_memory_gib']:9.1f}" if row.get("peak_memory_gib") is not None else f"{'-':>9s}"
+    def column(key, spec):
+        return format(row[key], spec) if row.get(key) is not None else f"{'-':>9s}"
+
     speedup = f"{row['speedup_vs_hf_bf16']:7.2f}x" if "speedup_vs_hf_bf16" in row else f"{'':8s}"
-    memory = f"{row['memory_vs_hf_bf16']:9.2f}" if "memory_vs_hf_bf16" in row else f"{'':9s}"
     return (f"{row['shape']:5s} {row['variant']:22s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
-            f"{row['model_tflops']:8.1f} {peak} {memory} {row['final_loss']:7.3f}")
+            f"{row['model_tflops']:8.1f} {column('peak_memory_gib', '9.1f')} {column('memory_vs_hf_bf16', '9.2f')} "
+            f"{column('peak_reserved_gib', '9.1f')} {column('reserved_vs_hf_bf16', '9.2f')} {row['final_loss']:7.3f}")
 
 
 def write_report(rows: list[dict], path: str, command: str, suite_s: float | None = None) -> dict:
@@ -363,10 +380,10 @@ def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int 
           output: str = "bench.json", timeout: int = 600) -> list[dict]:
     """Run the suite, print the table, write ``output`` (JSON with GPU and versions)."""
     shape_list, variant_list = shapes.split(","), variants.split(",")
-    unknown = [s for s in shape_list if s not in SHAPES] + [v for v in variant_list if v not in VARIANTS]
+    unknown = [s for s in shape_list if s not in SHAPES] + [v for v in variant_list if not is_variant(v)]
     if unknown:
         raise BenchmarkArgumentError(f"unknown shape or variant: {', '.join(unknown)} (shapes: {', '.join(SHAPES)}; "
-                                     f"variants: {', '.join(VARIANTS)})")
+                                     f"variants: {', '.join(VARIANTS)}, or a te_ variant + {GRAPHS})")
     env = environment()
     print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
     print(HEADER)
@@ -383,9 +400,15 @@ def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int 
     return rows
 
 
+def parse_variant(name: str) -> str:
+    if not is_variant(name):
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}")
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="one benchmark variant (internal: used by te-llama bench)")
-    parser.add_argument("--worker", required=True, choices=VARIANTS)
+    parser.add_argument("--worker", required=True, type=parse_variant)
     parser.add_argument("--shapes", required=True, help="comma-separated, run one after the other")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

@@ -10,11 +10,12 @@ import sys
 from te_llama.assets import AssetError
 from te_llama.backend import BackendUnavailableError
 from te_llama.checkpoint_io import CheckpointError
+from te_llama.cuda_graphs import CudaGraphError
 from te_llama.data import DataError
 from te_llama.fp8 import FP8ConfigError
 from te_llama.layer import UnsupportedConfigError
 
-EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, DataError, FP8ConfigError,
+EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, CudaGraphError, DataError, FP8ConfigError,
                    UnsupportedConfigError)
 EXIT_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     tune.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
     tune.add_argument("--gradient-checkpointing", action="store_true")
+    tune.add_argument("--cuda-graphs", action="store_true", help="replay the decoder layers as CUDA graphs (GPU, "
+                      "Transformer Engine): faster steps for small models; not with --gradient-checkpointing")
     tune.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines (reported)")
     tune.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing --output")

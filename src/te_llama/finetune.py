@@ -63,6 +63,7 @@ class FinetuneConfig:
     eval_every: int | None = None
     save_every: int | None = None
     gradient_checkpointing: bool = False
+    cuda_graphs: bool = False  # replay the decoder layers as CUDA graphs (GPU; fixed-length blocks make it pay)
     skip_bad_lines: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -155,6 +156,12 @@ def finetune(config: FinetuneConfig) -> dict:
     backend = resolve_backend()
     on_gpu = backend == "te"
     config = _defaults(config, on_gpu)
+    if config.cuda_graphs and not on_gpu:
+        raise FinetuneError("--cuda-graphs needs a CUDA GPU with Transformer Engine (this run would use the "
+                            "reference layer on the CPU); drop --cuda-graphs")
+    if config.cuda_graphs and config.gradient_checkpointing:
+        raise FinetuneError("--gradient-checkpointing and --cuda-graphs cannot be combined: a recorded graph cannot "
+                            "recompute its forward during the backward pass; pick one")
     model_dir = Path(config.model) if config.model else smollm2_checkpoint()
     if not model_dir.is_dir():
         raise CheckpointError(f"--model {model_dir}: not a directory (a local Hugging Face checkpoint is needed)")
@@ -170,6 +177,8 @@ def finetune(config: FinetuneConfig) -> dict:
     model = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if config.cuda_graphs:
+        model.enable_cuda_graphs()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = tokenize_and_pack(examples, tokenizer, config.seq_len)
     train_blocks, eval_blocks = split_blocks(blocks, config.eval_fraction, config.seed)
@@ -207,6 +216,7 @@ def finetune(config: FinetuneConfig) -> dict:
         "status": "interrupted" if stopper.received else "completed",
         "model": str(model_dir), "data": data_name, "output": str(out), "backend": backend, "device": device,
         "precision": precision, "fp8_recipe": model.fp8_recipe_name, "steps": trainer.state.global_step,
+        "cuda_graph_replays": model.cuda_graph_replays(),
         "resumed_from": str(resume_from) if resume_from else None,
         "tokens": int(trainer.state.num_input_tokens_seen), "train_seconds": round(result.metrics["train_runtime"], 1),
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),

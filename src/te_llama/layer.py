@@ -104,6 +104,8 @@ class _LlamaLayerAdapter:
     """Maps the Llama config onto TransformerLayer and HF's decoder-layer call onto TE's forward."""
 
     backend: Backend
+    cuda_graph = None
+    """A :class:`te_llama.cuda_graphs.LayerGraph` once the model has recorded CUDA graphs, else ``None``."""
 
     def __init__(self, config, layer_idx: int):
         check_config(config)
@@ -147,13 +149,15 @@ class _LlamaLayerAdapter:
                 "model with TELlamaForCausalLM or inside te_llama.replace_decoder_layer()"
             )
         mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
-        return super().forward(
-            hidden_states,
-            attention_mask=mask.mask,
-            self_attn_mask_type=mask.mask_type,
-            rotary_pos_emb=angles,
-            is_first_microbatch=kwargs.get("is_first_microbatch"),
-        )
+        if self.cuda_graph is not None and self.cuda_graph.replays(hidden_states, mask.mask_type):
+            return self.cuda_graph(hidden_states, angles)
+        return self.te_forward(hidden_states, angles, mask.mask, mask.mask_type, kwargs.get("is_first_microbatch"))
+
+    def te_forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, mask: torch.Tensor | None,
+                   mask_type: str, is_first_microbatch: bool | None = None) -> torch.Tensor:
+        """TE's ``TransformerLayer.forward`` with the inputs in TE's form (what a CUDA graph records)."""
+        return super().forward(hidden_states, attention_mask=mask, self_attn_mask_type=mask_type,
+                               rotary_pos_emb=rotary_pos_emb, is_first_microbatch=is_first_microbatch)
 
 
 @functools.cache

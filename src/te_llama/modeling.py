@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from te_llama.backend import default_device, resolve_backend
 from te_llama.checkpoint_io import CheckpointError, weight_files, write_checkpoint
+from te_llama.cuda_graphs import CudaGraphError, record_layer_graphs_once, release_layer_graphs
 from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.layer import check_config
 from te_llama.lm_head_loss import linear_cross_entropy
@@ -96,6 +97,8 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         self.generation_config.use_cache = False
         self.fp8_config: FP8Config | None = None
         self._fp8_recipe = None
+        self.cuda_graphs = False
+        """Whether training steps replay the decoder layers as CUDA graphs (:meth:`enable_cuda_graphs`)."""
         self.chunked_lm_head_loss = True
         """Training forwards with labels compute LM head + loss in chunks and return no logits (see
         :mod:`te_llama.lm_head_loss`); ``False`` restores HF's full-logits path."""
@@ -183,22 +186,61 @@ class TELlamaForCausalLM(LlamaForCausalLM):
     @functools.wraps(LlamaForCausalLM.forward)
     def forward(self, *args, **kwargs):
         run = self._forward_chunked_loss if self._chunked_loss_applies(args, kwargs) else super().forward
-        if not self.fp8_active():
+        fp8 = self.fp8_active()
+        if not (fp8 or self.cuda_graphs):
             return run(*args, **kwargs)
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"][..., 0]
         alignment = 32 if self.fp8_recipe_name == "mxfp8" else 8
-        if tokens.numel() % alignment:
+        if fp8 and tokens.numel() % alignment:
             raise FP8ConfigError(
                 f"FP8 needs the number of tokens in a batch to be divisible by {alignment}; got "
                 f"{tuple(tokens.shape)} = {tokens.numel()}. Pad sequences to a multiple of 16 (e.g. "
                 "DataCollatorForLanguageModeling(..., pad_to_multiple_of=16)) or use fixed-length blocks."
             )
+        if self.cuda_graphs and self.training and torch.is_grad_enabled():
+            if self.is_gradient_checkpointing:
+                raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
+            record_layer_graphs_once(self.model, tokens.shape, kwargs.get("attention_mask"),
+                                     self._fp8_recipe if fp8 else None)
+        if not fp8:
+            return run(*args, **kwargs)
         import transformer_engine.pytorch as te
 
         with te.autocast(enabled=True, recipe=self._fp8_recipe):
             return run(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ CUDA graphs
+    def enable_cuda_graphs(self) -> TELlamaForCausalLM:
+        """Replay the decoder layers as CUDA graphs in training steps of one fixed batch shape.
+
+        The graphs are recorded at the next training forward without padding (a few eager steps' time), for
+        that batch's shape, and again only when the FP8 recipe changes. Forwards they cannot serve (evaluation,
+        padded batches, other shapes such as an epoch's short last batch, gradient accumulation after the first
+        micro-batch) run eagerly as before; see :mod:`te_llama.cuda_graphs`. Calling this again records anew at the
+        next training forward. Gradient checkpointing cannot be combined with them.
+        """
+        if self.te_backend != "te":
+            raise CudaGraphError("CUDA graphs need the Transformer Engine backend on a CUDA GPU; this model runs "
+                                 f"the {self.te_backend!r} layer (set TE_LLAMA_BACKEND=te on a GPU machine)")
+        if self.is_gradient_checkpointing:
+            raise CudaGraphError("gradient checkpointing is on: it recomputes the forward during the backward "
+                                 "pass, which a recorded graph cannot; turn one of them off")
+        release_layer_graphs(self.model.layers)
+        self.cuda_graphs = True
+        return self
+
+    def disable_cuda_graphs(self) -> TELlamaForCausalLM:
+        """Run the decoder layers eagerly again and free the graphs' memory."""
+        release_layer_graphs(self.model.layers)
+        self.cuda_graphs = False
+        return self
+
+    def cuda_graph_replays(self) -> int:
+        """How many forwards of the first decoder layer replayed its graph since the graphs were last recorded."""
+        graph = self.model.layers[0].cuda_graph
+        return 0 if graph is None else graph.replays_done
 
     def _chunked_loss_applies(self, args: tuple, kwargs: dict) -> bool:
         # Training with labels, where nobody reads the logits: the Trainer's and a plain loop's training step.

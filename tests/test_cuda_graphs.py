@@ -1,0 +1,70 @@
+"""CUDA graphs on a CPU machine: refused with a clear error; the eager layer is unchanged (the graphs
+themselves run in tests/gpu/test_cuda_graphs.py)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from te_llama import TELlamaForCausalLM
+from te_llama.benchmark import VARIANTS, is_variant, skip_reason, te_recipe_name
+from te_llama.cuda_graphs import CudaGraphError
+
+CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_reference_backend_refuses_cuda_graphs():
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
+    with pytest.raises(CudaGraphError, match="Transformer Engine backend on a CUDA GPU"):
+        model.enable_cuda_graphs()
+    assert not model.cuda_graphs and model.cuda_graph_replays() == 0
+
+
+def test_layers_without_graphs_train_as_before():
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference").train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.cuda_graph is None for layer in model.model.layers)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_graph_variants_in_the_benchmark():
+    assert "te_fp8_delayed_graphs" in VARIANTS
+    assert te_recipe_name("te_fp8_delayed_graphs") == "delayed" and te_recipe_name("te_bf16") is None
+    assert is_variant("te_bf16_graphs") and not is_variant("hf_bf16_graphs")
+    if not torch.cuda.is_available():
+        assert skip_reason("te_fp8_delayed_graphs") == "needs a CUDA GPU"
+
+
+def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkeypatch, caplog):
+    """The recording decision, with the recording itself (TE on a GPU) replaced by a stand-in."""
+    import te_llama.cuda_graphs as cuda_graphs
+
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
+    recorded = []
+
+    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe):
+        recorded.append(((batch, seq), recipe))
+        return [cuda_graphs.LayerGraph(cuda_graphs._LayerCall(layer), torch.Size((batch, seq, hidden)), dtype, recipe)
+                for layer in layers]
+
+    monkeypatch.setattr(cuda_graphs, "record_layer_graphs", record)
+    monkeypatch.setattr(cuda_graphs.LayerGraph, "reset", lambda self: None)
+    shape, short = torch.Size((4, 32)), torch.Size((1, 32))
+    padded = torch.ones(4, 32, dtype=torch.long)
+    padded[0, -3:] = 0
+    cuda_graphs.record_layer_graphs_once(model.model, shape, padded, None)
+    assert recorded == [] and model.model.layers[0].cuda_graph is None  # a padded batch records nothing
+    cuda_graphs.record_layer_graphs_once(model.model, shape, torch.ones(4, 32, dtype=torch.long), None)
+    with caplog.at_level("INFO", logger="te_llama"):
+        for _ in range(3):
+            cuda_graphs.record_layer_graphs_once(model.model, short, None, None)  # an epoch's short last batch
+            cuda_graphs.record_layer_graphs_once(model.model, shape, None, None)
+    assert recorded == [((4, 32), None)]
+    assert sum("run eagerly" in record.message for record in caplog.records) == 1
+    recipe = object()  # another FP8 recipe: recorded again for it
+    cuda_graphs.record_layer_graphs_once(model.model, shape, None, recipe)
+    assert recorded == [((4, 32), None), ((4, 32), recipe)]
+    assert all(layer.cuda_graph.recipe is recipe for layer in model.model.layers)
+    cuda_graphs.release_layer_graphs(model.model.layers)
+    assert all(layer.cuda_graph is None for layer in model.model.layers)
