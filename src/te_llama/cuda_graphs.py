@@ -9,7 +9,8 @@ When a graph replays (checked on every call, otherwise the layer runs eagerly as
 
 - training mode with gradients enabled, and no gradient checkpointing;
 - the batch shape and dtype it was recorded with, and plain causal attention (no padding mask);
-- the same FP8 state: the model's recipe inside its ``te.autocast``, or BF16 if recorded without FP8;
+- the same FP8 state: the model's recipe inside its ``te.autocast``, or BF16 if recorded without FP8; and the
+  same ``torch.autocast`` state (the Trainer's ``bf16=True`` turns it on);
 - the layer's parameters hold no gradient yet. Replays write parameter gradients straight into the graphs'
   buffers (no copy, no extra memory), which the next replay overwrites; so a forward whose layer still has
   gradients (gradient accumulation, the micro-batches after the first) runs eagerly and adds to them.
