@@ -1,5 +1,8 @@
-"""Time one AdamW step over shape A's parameters (bf16, as in `te-llama bench`): torch's fused AdamW against
-Transformer Engine's FusedAdam (bf16 states like torch's, and TE's default fp32 states).
+"""Time one AdamW step over a model's parameters (bf16, as in `te-llama bench`): torch's fused AdamW against
+te-llama's AdamW (a Triton kernel per parameter, `te_llama.adamw`) and Transformer Engine's FusedAdam (bf16
+states like torch's, and TE's default fp32 states). Two parameter sets: shape A of the bench (2.8B parameters in
+75 tensors) and SmolLM2-135M's shapes (the fine-tune's model: 135M parameters in 273 small tensors), where the
+per-tensor launches of the Triton step cost the most.
 
     python benchmarks/optimizer_step.py --out optimizer_step.json
 """
@@ -11,14 +14,19 @@ import json
 import statistics
 
 import torch
+from transformers import LlamaConfig
 
+from te_llama.adamw import AdamW
 from te_llama.benchmark import SHAPES, environment
 
+SMOLLM2_135M = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 
-def parameters(shape: str) -> list[torch.nn.Parameter]:
+
+def parameters(config: LlamaConfig) -> list[torch.nn.Parameter]:
     from te_llama.modeling import TELlamaForCausalLM
 
-    model = TELlamaForCausalLM.from_config(SHAPES[shape].llama_config(), dtype=torch.bfloat16, device="cuda")
+    model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device="cuda")
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -39,26 +47,32 @@ def time_optimizer(optimizer, steps: int = 10) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="A", choices=list(SHAPES))
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+def candidates(params) -> dict:
     from transformer_engine.pytorch.optimizers import FusedAdam
 
-    params = parameters(args.shape)
-    candidates = {
+    return {
         "torch AdamW fused (bf16 states)": lambda: torch.optim.AdamW(params, lr=1e-5, fused=True),
+        "te-llama AdamW, Triton (bf16 states)": lambda: AdamW(params, lr=1e-5),
         "TE FusedAdam, bf16 states": lambda: FusedAdam(params, lr=1e-5, adam_w_mode=True, exp_avg_dtype=torch.bfloat16,
                                                        exp_avg_sq_dtype=torch.bfloat16),
         "TE FusedAdam, fp32 states": lambda: FusedAdam(params, lr=1e-5, adam_w_mode=True),
     }
-    rows = {}
-    for name, make in candidates.items():
-        rows[name] = time_optimizer(make())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    report = {**environment(), "ms_per_step": {}}
+    for label, config in (("A", SHAPES["A"].llama_config()), ("SmolLM2-135M", SMOLLM2_135M)):
+        params = parameters(config)
+        rows = report["ms_per_step"][label] = {"parameters": sum(p.numel() for p in params), "tensors": len(params)}
+        for name, make in candidates(params).items():
+            rows[name] = time_optimizer(make())
+            torch.cuda.empty_cache()
+            print(f"{label:>12}  {rows[name]:8.2f} ms  {name}", flush=True)
+        params.clear()
         torch.cuda.empty_cache()
-        print(f"{rows[name]:8.2f} ms  {name}", flush=True)
-    report = {"shape": args.shape, "parameters": sum(p.numel() for p in params), **environment(), "ms_per_step": rows}
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
 

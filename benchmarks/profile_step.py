@@ -11,6 +11,11 @@ For one variant and shape of ``te-llama bench``, after warm-up steps:
 - with ``--gaps``: where the GPU waits for the host. From a trace of one step, each gap between kernels is
   charged to what the host was doing when it launched the kernel after the gap (the innermost profiler range
   open at the launch: a module's forward, marked here with hooks, or an autograd backward node);
+- with ``--timeline``: several steps timed as ``te-llama bench`` times them (CUDA events, a synchronisation
+  after each), traced: per step the event time, the kernels' span, the GPU idle before the first kernel and
+  after the last one, per phase (forward, backward, optimizer) the host's time against the GPU's busy time,
+  the slow CUDA runtime calls (allocation, synchronisation), and with ``--with-stack`` the host's Python
+  functions while the GPU waited for the first kernel;
 - for te-llama variants, whether each layer's Q, K and V weights are consecutive views of one buffer (TE then
   concatenates them for free; otherwise it copies them every forward).
 
@@ -204,6 +209,92 @@ def charge_gaps(trace_events: list[dict], top: int = 15, threshold_us: float = 2
             "largest_gaps": [(round(g / 1000, 3), k["name"][:80]) for g, k in largest]}
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def phased_step(model, ids, optimizer) -> torch.Tensor:
+    """:func:`te_llama.benchmark.training_step` with a profiler range around each phase."""
+    from torch.autograd.profiler import record_function
+
+    with record_function("phase forward"):
+        loss = model(input_ids=ids, labels=ids).loss
+    with record_function("phase backward"):
+        loss.backward()
+    with record_function("phase optimizer"):
+        if optimizer is not None:
+            optimizer.step()
+        (optimizer or model).zero_grad(set_to_none=True)
+    return loss
+
+
+def timeline(model, ids, optimizer, steps: int = 3, with_stack: bool = False) -> list[dict]:
+    """``steps`` benchmark-timed steps under the profiler: where the event-timed step is longer than its kernels."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    measured = []
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=with_stack) as prof:
+        for _ in range(steps):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with record_function("timed_step"):
+                begin.record()
+                phased_step(model, ids, optimizer)
+                end.record()
+            end.synchronize()
+            measured.append(begin.elapsed_time(end))
+    with tempfile.TemporaryDirectory() as scratch:
+        trace_path = os.path.join(scratch, "trace.json")
+        prof.export_chrome_trace(trace_path)
+        with open(trace_path) as handle:
+            events = [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
+    return step_timelines(events, measured)
+
+
+def step_timelines(events: list[dict], measured_ms: list[float], slow_us: float = 200.0) -> list[dict]:
+    """Per ``timed_step`` range of a Chrome trace: lead (host range start to first GPU work), the kernels' span
+    and busy time, per phase (``phase ...`` ranges) the host's time and the GPU's busy time and span, slow
+    runtime calls, and (traced with stacks) the Python functions that ran before the first kernel."""
+    steps = sorted((e for e in events if e["name"] == "timed_step" and e.get("cat") == "user_annotation"),
+                   key=lambda e: e["ts"])
+    busy = sorted((e for e in events if e.get("cat") in GPU_BUSY), key=lambda e: e["ts"])
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launch_ts = {e["args"]["correlation"]: e["ts"] for e in runtime if "correlation" in e.get("args", {})}
+    phases = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("phase ")]
+    python = [e for e in events if e.get("cat") == "python_function"]
+    rows = []
+    for index, (step, ms) in enumerate(zip(steps, measured_ms)):
+        start, stop = step["ts"], step["ts"] + step["dur"]
+        following = steps[index + 1]["ts"] if index + 1 < len(steps) else float("inf")
+        gpu = [e for e in busy if start <= e["ts"] < following]
+        if not gpu:
+            continue
+        first, last_end = gpu[0]["ts"], max(e["ts"] + e["dur"] for e in gpu)
+        per_phase = {}
+        for phase in (e for e in phases if start <= e["ts"] <= stop):
+            launched = [e for e in gpu if phase["ts"] <= launch_ts.get(e.get("args", {}).get("correlation"), -1)
+                        <= phase["ts"] + phase["dur"]]
+            if launched:
+                per_phase[phase["name"].removeprefix("phase ")] = {
+                    "host_ms": phase["dur"] / 1000, "gpu_busy_ms": sum(e["dur"] for e in launched) / 1000,
+                    "gpu_span_ms": (max(e["ts"] + e["dur"] for e in launched) - launched[0]["ts"]) / 1000,
+                    "gpu_start_ms": (launched[0]["ts"] - start) / 1000}
+        lead_python = collections.Counter()
+        for e in python:
+            if start <= e["ts"] and e["ts"] + e["dur"] <= first and e["dur"] >= slow_us:
+                lead_python[e["name"][:100]] += e["dur"] / 1000
+        rows.append({
+            "event_ms": ms, "kernel_span_ms": (last_end - first) / 1000,
+            "gpu_busy_ms": sum(e["dur"] for e in gpu) / 1000,
+            "lead_ms": (first - start) / 1000, "host_after_last_kernel_ms": max(0.0, stop - last_end) / 1000,
+            "phases": per_phase,
+            "slow_runtime_calls": [(e["name"], round(e["dur"] / 1000, 3), round((e["ts"] - start) / 1000, 3))
+                                   for e in runtime if start <= e["ts"] <= stop and e["dur"] >= slow_us][:20],
+            "python_in_lead_ms": dict(lead_python.most_common(25)),
+        })
+    return rows
+
+
 def kernel_profile(model, ids, optimizer, steps: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -238,6 +329,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--full-logits", action="store_true", help="te-llama: HF's LM head + loss path")
     parser.add_argument("--gaps", action="store_true", help="also charge GPU idle gaps to host-side ranges")
+    parser.add_argument("--timeline", action="store_true",
+                        help="only trace benchmark-timed steps: GPU idle before/after the kernels, slow runtime calls")
+    parser.add_argument("--with-stack", action="store_true", help="--timeline: also record Python functions "
+                        "(slows the host a lot: only for what runs before the first kernel)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 
@@ -248,6 +343,12 @@ def main() -> None:
         training_step(model, ids, optimizer)
     report = {"variant": args.variant, "shape": args.shape, "full_logits": args.full_logits, **environment(),
               "parameters_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30}
+    if args.timeline:
+        report["timeline"] = timeline(model, ids, optimizer, with_stack=args.with_stack)
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=1)
+        print(json.dumps(report["timeline"], indent=1))
+        return
     if args.variant.startswith("te_"):
         report["qkv_layout"] = qkv_layout(model)
     torch.cuda.reset_peak_memory_stats()

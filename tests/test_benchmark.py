@@ -114,6 +114,33 @@ def test_idle_gaps_are_charged_to_the_range_that_launched_the_next_kernel():
     assert gaps["largest_gaps"][0] == (0.15, "gemm_bwd") and gaps["step_span_ms"] == pytest.approx(0.215)
 
 
+def test_step_timeline_splits_a_timed_step_into_lead_and_phases():
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": 1, "args": args}
+
+    trace = [
+        x("user_annotation", "timed_step", 0, 1000),
+        x("user_annotation", "phase forward", 10, 300), x("user_annotation", "phase backward", 320, 200),
+        x("user_annotation", "phase optimizer", 530, 400),
+        x("python_function", "slow_setup", 12, 250), x("python_function", "quick", 20, 5),
+        x("cuda_runtime", "cudaLaunchKernel", 300, 2, correlation=1),
+        x("cuda_runtime", "cudaLaunchKernel", 400, 2, correlation=2),
+        x("cuda_runtime", "cudaMalloc", 540, 300),
+        x("cuda_runtime", "cudaLaunchKernel", 900, 2, correlation=3),
+        x("kernel", "embedding", 305, 100, correlation=1),  # lead: 305 us of host before the first kernel
+        x("kernel", "gemm_bwd", 405, 200, correlation=2),
+        x("kernel", "adamw", 905, 90, correlation=3),
+    ]
+    (step,) = _profile_step_module().step_timelines(trace, [1.0], slow_us=200)
+    assert step["lead_ms"] == pytest.approx(0.305) and step["kernel_span_ms"] == pytest.approx(0.69)
+    assert step["gpu_busy_ms"] == pytest.approx(0.39) and step["host_after_last_kernel_ms"] == pytest.approx(0.005)
+    assert step["phases"]["forward"] == {"host_ms": 0.3, "gpu_busy_ms": 0.1, "gpu_span_ms": 0.1,
+                                         "gpu_start_ms": pytest.approx(0.305)}
+    assert step["phases"]["optimizer"]["gpu_busy_ms"] == pytest.approx(0.09)
+    assert step["slow_runtime_calls"] == [("cudaMalloc", 0.3, 0.54)]
+    assert step["python_in_lead_ms"] == {"slow_setup": 0.25}
+
+
 def test_host_syncs_are_reported_with_their_callers(monkeypatch):
     import warnings
 

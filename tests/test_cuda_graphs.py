@@ -45,11 +45,10 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
 
     def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe):
         recorded.append(((batch, seq), recipe))
-        return [cuda_graphs.LayerGraph(cuda_graphs._LayerCall(layer), torch.Size((batch, seq, hidden)), dtype, recipe)
-                for layer in layers]
+        return cuda_graphs.StackGraph(cuda_graphs._StackCall(layers), torch.Size((batch, seq, hidden)), dtype, recipe)
 
     monkeypatch.setattr(cuda_graphs, "record_layer_graphs", record)
-    monkeypatch.setattr(cuda_graphs.LayerGraph, "reset", lambda self: None)
+    monkeypatch.setattr(cuda_graphs.StackGraph, "reset", lambda self: None)
     shape, short = torch.Size((4, 32)), torch.Size((1, 32))
     padded = torch.ones(4, 32, dtype=torch.long)
     padded[0, -3:] = 0
@@ -65,6 +64,37 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
     recipe = object()  # another FP8 recipe: recorded again for it
     cuda_graphs.record_layer_graphs_once(model.model, shape, None, recipe)
     assert recorded == [((4, 32), None), ((4, 32), recipe)]
-    assert all(layer.cuda_graph.recipe is recipe for layer in model.model.layers)
+    assert all(layer.cuda_graph is model.model.layers[0].cuda_graph for layer in model.model.layers)
+    assert model.model.layers[0].cuda_graph.recipe is recipe
     cuda_graphs.release_layer_graphs(model.model.layers)
     assert all(layer.cuda_graph is None for layer in model.model.layers)
+
+
+def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkeypatch):
+    """The dispatch of a replay, with the recorded stack replaced by the same layers run eagerly (no TE here):
+    every layer computes exactly once, and the model's output is the eager one; a forward that asks for hidden
+    states runs layer by layer."""
+    import te_llama.cuda_graphs as cuda_graphs
+
+    config = LlamaConfig(**{**CONFIG.to_dict(), "num_hidden_layers": 3})
+    model = TELlamaForCausalLM.from_config(config, backend="reference").train()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids, labels=ids).loss
+    layers = model.model.layers
+    graph = cuda_graphs.StackGraph(cuda_graphs._StackCall(layers), torch.Size((2, 16, 64)), torch.float32, None)
+    monkeypatch.setattr(cuda_graphs.StackGraph, "replays", lambda self, hidden, mask_type: self.armed)
+    monkeypatch.setattr("te_llama.modeling.record_layer_graphs_once", lambda *args: None)  # "recorded" above
+    model.cuda_graphs = True
+    calls = []
+    for layer in layers:
+        monkeypatch.setattr(layer, "te_forward", lambda *a, _f=layer.te_forward, _i=layer.layer_idx, **k:
+                            calls.append(_i) or _f(*a, **k))
+        layer.cuda_graph = graph
+    loss = model(input_ids=ids, labels=ids).loss
+    assert graph.replays_done == 1 and calls == [0, 1, 2] and not graph.armed
+    torch.testing.assert_close(loss, expected)
+    calls.clear()
+    outputs = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    assert graph.replays_done == 1 and calls == [0, 1, 2]  # eager: each layer's own output is reported
+    torch.testing.assert_close(outputs.loss, expected)
+    assert len({h.data_ptr() for h in outputs.hidden_states}) == len(outputs.hidden_states)

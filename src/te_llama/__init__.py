@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from te_llama.adamw import AdamW
 from te_llama.backend import BackendUnavailableError, resolve_backend
 from te_llama.checkpoint_io import CheckpointError
 from te_llama.cuda_graphs import CudaGraphError
@@ -21,6 +22,7 @@ from te_llama.patching import replace_decoder_layer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamW",
     "BackendUnavailableError",
     "CheckpointError",
     "CudaGraphError",

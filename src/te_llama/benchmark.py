@@ -6,7 +6,8 @@ loss function (regional compilation, as torchtitan does): one compiled layer ser
 takes seconds instead of minutes. A variant's process runs the requested shapes one after the other, a fresh
 model each, with GPU memory released in between. Shapes (random weights and tokens, bf16 parameters):
 
-- ``A``: Llama-3-8B layer shapes, 8 layers, batch 2 x 4096, forward with labels + backward + fused AdamW step;
+- ``A``: Llama-3-8B layer shapes, 8 layers, batch 2 x 4096, forward with labels + backward + fused AdamW step
+  (torch's fused AdamW for HF and the peers, te-llama's :class:`te_llama.adamw.AdamW` for te-llama);
 - ``B``: full Llama-3-8B (32 layers), batch 1 x 4096, forward + backward;
 - ``C``: the TE tutorial's setting, 16 layers, batch 8 x 256, with the optimizer step;
 - ``tiny``: a small model the CPU tests run end to end.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from te_llama.adamw import describe as describe_optimizer
 from te_llama.layer import head_dim
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -168,7 +170,11 @@ def prepare_variant(variant: str, shape: Shape, device: torch.device):
     model = build_model(variant, shape, device)
     model.train()
     optimizer = None
-    if shape.optimizer:
+    if shape.optimizer and variant.startswith("te_"):  # te-llama's own AdamW (a Triton kernel per parameter)
+        from te_llama.adamw import AdamW
+
+        optimizer = AdamW(model.parameters(), lr=1e-5)
+    elif shape.optimizer:  # what users of the peers pick: torch's fused AdamW
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device=device)
     return model, optimizer, ids
@@ -214,7 +220,7 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
            "tokens_per_s": tokens / ms * 1000, "model_tflops": flops / ms / 1e9,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
-           "final_loss": float(loss), "timed_steps": len(times),
+           "final_loss": float(loss), "timed_steps": len(times), "optimizer": describe_optimizer(optimizer),
            "seconds": {"build": round(built - started, 1), "warmup": round(warm - built, 1),
                        "timed": round(time.perf_counter() - warm, 1)}}
     if variant.startswith("te_") and device.type == "cuda":

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
+from te_llama.adamw import describe as describe_optimizer
 from te_llama.assets import english_text, smollm2_checkpoint, wiki_articles
 from te_llama.backend import resolve_backend, working_dtype
 from te_llama.checkpoint_io import CheckpointError, weight_files
@@ -139,8 +140,18 @@ def _training_arguments(config: FinetuneConfig, out: Path, on_gpu: bool, batch_s
         save_strategy="steps", save_steps=config.save_every, save_total_limit=2, seed=config.seed,
         data_seed=config.seed, bf16=on_gpu, use_cpu=not on_gpu, report_to=report_to,
         include_num_input_tokens_seen=True, remove_unused_columns=False, dataloader_num_workers=0,
-        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        optim="adamw_torch",  # on a GPU the Trainer gets te-llama's AdamW instead (_optimizer)
     )
+
+
+def _optimizer(args: TrainingArguments, on_gpu: bool) -> tuple[type, dict] | None:
+    """te-llama's AdamW on a GPU (:mod:`te_llama.adamw`; the Trainer still makes the parameter groups and
+    the schedule); the Trainer's own choice (``args.optim``) on the CPU."""
+    if not on_gpu:
+        return None
+    from te_llama.adamw import AdamW
+
+    return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
 def _tensorboard_available() -> bool:
@@ -197,7 +208,8 @@ def finetune(config: FinetuneConfig) -> dict:
     ppl_before = perplexity(model, eval_blocks, batch_size)
     print(f"eval perplexity before: {ppl_before:.3f}")
     stopper = GracefulStopCallback()
-    trainer = Trainer(model=model, args=_training_arguments(config, out, on_gpu, batch_size),
+    args = _training_arguments(config, out, on_gpu, batch_size)
+    trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=_optimizer(args, on_gpu),
                       train_dataset=train_blocks, eval_dataset=eval_blocks, data_collator=default_data_collator,
                       callbacks=[FP8StateCallback(), CheckpointCompleteCallback(), stopper])
     trainer.callback_handler.callbacks.insert(0, LogExtrasCallback())  # before the printer sees the logs
@@ -216,7 +228,7 @@ def finetune(config: FinetuneConfig) -> dict:
         "status": "interrupted" if stopper.received else "completed",
         "model": str(model_dir), "data": data_name, "output": str(out), "backend": backend, "device": device,
         "precision": precision, "fp8_recipe": model.fp8_recipe_name, "steps": trainer.state.global_step,
-        "cuda_graph_replays": model.cuda_graph_replays(),
+        "cuda_graph_replays": model.cuda_graph_replays(), "optimizer": describe_optimizer(trainer.optimizer),
         "resumed_from": str(resume_from) if resume_from else None,
         "tokens": int(trainer.state.num_input_tokens_seen), "train_seconds": round(result.metrics["train_runtime"], 1),
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),

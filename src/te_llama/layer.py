@@ -105,7 +105,7 @@ class _LlamaLayerAdapter:
 
     backend: Backend
     cuda_graph = None
-    """A :class:`te_llama.cuda_graphs.LayerGraph` once the model has recorded CUDA graphs, else ``None``."""
+    """The model's :class:`te_llama.cuda_graphs.StackGraph` once it has recorded CUDA graphs, else ``None``."""
 
     def __init__(self, config, layer_idx: int):
         check_config(config)
@@ -149,8 +149,10 @@ class _LlamaLayerAdapter:
                 "model with TELlamaForCausalLM or inside te_llama.replace_decoder_layer()"
             )
         mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
-        if self.cuda_graph is not None and self.cuda_graph.replays(hidden_states, mask.mask_type):
-            return self.cuda_graph(hidden_states, angles)
+        if self.cuda_graph is not None:
+            output = self.cuda_graph.layer_forward(self.layer_idx, hidden_states, mask.mask_type, angles)
+            if output is not None:
+                return output
         return self.te_forward(hidden_states, angles, mask.mask, mask.mask_type, kwargs.get("is_first_microbatch"))
 
     def te_forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, mask: torch.Tensor | None,

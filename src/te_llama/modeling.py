@@ -199,17 +199,26 @@ class TELlamaForCausalLM(LlamaForCausalLM):
                 f"{tuple(tokens.shape)} = {tokens.numel()}. Pad sequences to a multiple of 16 (e.g. "
                 "DataCollatorForLanguageModeling(..., pad_to_multiple_of=16)) or use fixed-length blocks."
             )
+        graph = None
         if self.cuda_graphs and self.training and torch.is_grad_enabled():
-            if self.is_gradient_checkpointing:
+            if any(layer.gradient_checkpointing for layer in self.model.layers):  # HF's property walks all modules
                 raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
             record_layer_graphs_once(self.model, tokens.shape, kwargs.get("attention_mask"),
                                      self._fp8_recipe if fp8 else None)
-        if not fp8:
-            return run(*args, **kwargs)
-        import transformer_engine.pytorch as te
+            graph = self.model.layers[0].cuda_graph
+        if graph is not None:  # the graph computes all layers at the first: no per-layer outputs to report
+            graph.armed = not any(kwargs.get(key, getattr(self.config, key, False))
+                                  for key in ("output_hidden_states", "output_attentions"))
+        try:
+            if not fp8:
+                return run(*args, **kwargs)
+            import transformer_engine.pytorch as te
 
-        with te.autocast(enabled=True, recipe=self._fp8_recipe):
-            return run(*args, **kwargs)
+            with te.autocast(enabled=True, recipe=self._fp8_recipe):
+                return run(*args, **kwargs)
+        finally:
+            if graph is not None:
+                graph.armed = False
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
     def enable_cuda_graphs(self) -> TELlamaForCausalLM:
