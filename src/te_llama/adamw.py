@@ -1,11 +1,12 @@
 """``AdamW``: ``torch.optim.AdamW`` whose CUDA step runs a Triton kernel for each large parameter.
 
 torch's fused AdamW took 17.6 ms for one step over shape A's 2.8B bf16 parameters on an H100; the Triton kernel
-(:mod:`te_llama.adamw_triton`) took 13.5 ms, about 2.9 TB/s of the 14 bytes per parameter an AdamW step must
-move (``benchmarks/results/optimizer_step.json``). Each Triton launch costs the host some 30 us, so parameters
-under :data:`TRITON_MIN_NUMEL` elements (norm weights; all of a small model's matrices) go through torch's own
-multi-tensor fused kernel in one launch per dtype instead: for SmolLM2-135M's 273 tensors, one Triton launch
-each took 8.7 ms against torch's 1.9. Both compute torch's fused update (float32 math, moments stored in the
+(:mod:`te_llama.adamw_triton`) took 13.5-13.8 ms, about 2.9 TB/s of the 14 bytes per parameter an AdamW step
+must move (``benchmarks/results/optimizer_step.json``). Each Triton launch costs the host some 30 us, so
+parameters under :data:`TRITON_MIN_NUMEL` elements (norm weights; all of a small model's matrices) go through
+torch's own multi-tensor fused kernel in one launch per dtype instead: for SmolLM2-135M's 273 tensors, one
+Triton launch each took 8.7 ms against torch's 1.9 (``optimizer_step_all_triton.json``), the split 2.1 against
+1.4. Both compute torch's fused update (float32 math, moments stored in the
 parameter's dtype), and the state is torch's (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints move
 between this optimizer and torch's in both directions.
 
