@@ -144,3 +144,14 @@ def test_small_parameters_take_torchs_fused_kernel(interpreted_kernel, monkeypat
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_group_without_gradients_is_left_alone(interpreted_kernel):
+    trained, frozen = _params(torch.float32), _params(torch.float32, seed=1)
+    before = [p.detach().clone() for p in frozen]
+    optimizer = AdamW([{"params": trained}, {"params": frozen}], **HYPER)
+    for p in trained:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert all(float(optimizer.state[p]["step"]) == 1 for p in trained)
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before)) and not any(p in optimizer.state for p in frozen)

@@ -67,6 +67,8 @@ class AdamW(torch.optim.AdamW):
             hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"])
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:  # a group without gradients this step (frozen parameters): nothing to update
+                continue
             states = [self._state(p) for p in params]
             torch._foreach_add_([state["step"] for state in states], 1)  # one call: a small model has hundreds
             small = collections.defaultdict(list)  # (dtype, device, step) -> parameters for torch's kernel
