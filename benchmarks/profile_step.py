@@ -168,11 +168,16 @@ def idle_gaps(model, ids, optimizer, top: int = 15, threshold_us: float = 20.0) 
     finally:
         for handle in handles:
             handle.remove()
+    return charge_gaps(trace_events(prof), top, threshold_us)
+
+
+def trace_events(prof) -> list[dict]:
+    """The events of a finished ``torch.profiler`` run, as its Chrome trace lists them."""
     with tempfile.TemporaryDirectory() as scratch:
         trace_path = os.path.join(scratch, "trace.json")
         prof.export_chrome_trace(trace_path)
         with open(trace_path) as handle:
-            return charge_gaps(json.load(handle)["traceEvents"], top, threshold_us)
+            return json.load(handle)["traceEvents"]
 
 
 def charge_gaps(trace_events: list[dict], top: int = 15, threshold_us: float = 20.0) -> dict:
@@ -243,12 +248,7 @@ def timeline(model, ids, optimizer, steps: int = 3, with_stack: bool = False) ->
                 end.record()
             end.synchronize()
             measured.append(begin.elapsed_time(end))
-    with tempfile.TemporaryDirectory() as scratch:
-        trace_path = os.path.join(scratch, "trace.json")
-        prof.export_chrome_trace(trace_path)
-        with open(trace_path) as handle:
-            events = [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
-    return step_timelines(events, measured)
+    return step_timelines([e for e in trace_events(prof) if e.get("ph") == "X"], measured)
 
 
 def step_timelines(events: list[dict], measured_ms: list[float], slow_us: float = 200.0) -> list[dict]:

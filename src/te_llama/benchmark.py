@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from te_llama.adamw import AdamW
 from te_llama.adamw import describe as describe_optimizer
 from te_llama.layer import head_dim
 
@@ -66,6 +67,7 @@ GRAPHS = "_graphs"  # suffix of te-llama variants that replay the decoder layers
 TE_VARIANTS = ("te_bf16",) + tuple(f"te_fp8_{r}" for r in TE_RECIPES)
 VARIANTS = ("hf_bf16", "hf_compile", "liger", "torchao_fp8") + TE_VARIANTS + ("te_fp8_delayed" + GRAPHS,)
 """The suite's default variants; any te-llama variant also runs with CUDA graphs (``te_bf16_graphs``, ...)."""
+COMPILED = ("hf_compile", "torchao_fp8")  # peers built with torch.compile: 3 more warm-up steps
 BASELINE = "hf_bf16"
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -128,7 +130,7 @@ def build_model(variant: str, shape: Shape, device: torch.device):
     if variant == "torchao_fp8":
         float8 = _peer("torchao.float8", "torchao")
         float8.convert_to_float8_training(model, module_filter_fn=lambda module, name: name != "lm_head")
-    if variant in ("hf_compile", "torchao_fp8"):
+    if variant in COMPILED:
         compile_regions(model)
     return model
 
@@ -170,9 +172,7 @@ def prepare_variant(variant: str, shape: Shape, device: torch.device):
     model = build_model(variant, shape, device)
     model.train()
     optimizer = None
-    if shape.optimizer and variant.startswith("te_"):  # te-llama's own AdamW (a Triton kernel per parameter)
-        from te_llama.adamw import AdamW
-
+    if shape.optimizer and variant.startswith("te_"):  # te-llama's own AdamW (te_llama.adamw)
         optimizer = AdamW(model.parameters(), lr=1e-5)
     elif shape.optimizer:  # what users of the peers pick: torch's fused AdamW
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -304,7 +304,7 @@ def skip_reason(variant: str, shape: str = "tiny") -> str | None:
 
 def _run_worker(variant: str, shapes: list[str], steps: int, warmup: int, timeout: int) -> list[dict]:
     """One process for ``variant`` over ``shapes``: its rows, with a failed row for each shape it did not report."""
-    extra_warmup = 3 if variant in ("hf_compile", "torchao_fp8") else 0
+    extra_warmup = 3 if variant in COMPILED else 0
     command = [sys.executable, "-m", "te_llama.benchmark", "--worker", variant, "--shapes", ",".join(shapes),
                "--steps", str(steps), "--warmup", str(warmup + extra_warmup)]
     started = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
+from te_llama.adamw import AdamW
 from te_llama.adamw import describe as describe_optimizer
 from te_llama.assets import english_text, smollm2_checkpoint, wiki_articles
 from te_llama.backend import resolve_backend, working_dtype
@@ -149,8 +150,6 @@ def _optimizer(args: TrainingArguments, on_gpu: bool) -> tuple[type, dict] | Non
     the schedule); the Trainer's own choice (``args.optim``) on the CPU."""
     if not on_gpu:
         return None
-    from te_llama.adamw import AdamW
-
     return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
