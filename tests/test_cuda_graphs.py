@@ -43,9 +43,10 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
     recorded = []
 
-    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe):
-        recorded.append(((batch, seq), recipe))
-        return cuda_graphs.StackGraph(cuda_graphs._StackCall(layers), torch.Size((batch, seq, hidden)), dtype, recipe)
+    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False):
+        recorded.append(((batch, seq), recipe) + ((True,) if cache_weights else ()))
+        return cuda_graphs.StackGraph(cuda_graphs._StackCall(layers), torch.Size((batch, seq, hidden)), dtype, recipe,
+                                      cache_weights)
 
     monkeypatch.setattr(cuda_graphs, "record_layer_graphs", record)
     monkeypatch.setattr(cuda_graphs.StackGraph, "reset", lambda self: None)
@@ -66,6 +67,9 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
     assert recorded == [((4, 32), None), ((4, 32), recipe)]
     assert all(layer.cuda_graph is model.model.layers[0].cuda_graph for layer in model.model.layers)
     assert model.model.layers[0].cuda_graph.recipe is recipe
+    cuda_graphs.record_layer_graphs_once(model.model, shape, None, recipe, cache_weights=True)  # FP8 weight cache
+    cuda_graphs.record_layer_graphs_once(model.model, shape, None, recipe, cache_weights=True)
+    assert recorded[2:] == [((4, 32), recipe, True)] and model.model.layers[0].cuda_graph.caches_weights
     cuda_graphs.release_layer_graphs(model.model.layers)
     assert all(layer.cuda_graph is None for layer in model.model.layers)
 
@@ -83,7 +87,7 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
     layers = model.model.layers
     graph = cuda_graphs.StackGraph(cuda_graphs._StackCall(layers), torch.Size((2, 16, 64)), torch.float32, None)
     monkeypatch.setattr(cuda_graphs.StackGraph, "replays", lambda self, hidden, mask_type: self.armed)
-    monkeypatch.setattr("te_llama.modeling.record_layer_graphs_once", lambda *args: None)  # "recorded" above
+    monkeypatch.setattr("te_llama.modeling.record_layer_graphs_once", lambda *args, **kwargs: None)  # "recorded" above
     model.cuda_graphs = True
     calls = []
     for layer in layers:

@@ -119,3 +119,30 @@ def test_gradients_match_hf(hf_checkpoint):
     te_grads = te_to_hf({k: p.grad for k, p in te.named_parameters()})
     for name, param in hf.named_parameters():
         assert relative_error(te_grads[name], param.grad) < 1e-5, name
+
+
+def test_rows_without_mask_skip_hf_mask_creation(hf_checkpoint, monkeypatch):
+    """No mask and no position ids (training on fixed-length blocks): te-llama hands its layers a causal marker
+    instead of letting HF check its made-up position ids for packed sequences, a check that waits for the GPU."""
+    import transformers.masking_utils as masking_utils
+
+    hf, te = load_pair(hf_checkpoint)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        with_mask = te(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    hf.train(), te.train()
+    expected_loss = hf(input_ids=ids, labels=ids).loss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("HF's packed-sequence check ran")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", refuse)
+    with pytest.raises(AssertionError, match="packed-sequence"):  # HF's own model does run it
+        hf(input_ids=ids, use_cache=False)
+    with torch.no_grad():
+        actual = te(input_ids=ids).logits
+    loss = te(input_ids=ids, labels=ids).loss
+    assert relative_error(actual, expected) < 1e-5
+    assert torch.equal(actual, with_mask)
+    assert abs(loss.item() - expected_loss.item()) < 1e-5

@@ -227,6 +227,7 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
         from te_llama.backend import te_attention_backend
 
         row["attention_backend"] = te_attention_backend()
+        row["fp8_weight_reuses"] = model.fp8_weight_reuses()  # forwards that reused the FP8 weight cast
     return row
 
 

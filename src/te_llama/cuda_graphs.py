@@ -36,8 +36,12 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+from te_llama.masks import is_causal_marker
 
 logger = logging.getLogger("te_llama")
 
@@ -57,18 +61,22 @@ class _StackCall(torch.nn.Module):
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
 
-    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor,
+                is_first_microbatch: bool | None = None) -> torch.Tensor:
         for layer in self.layers:
-            hidden_states = layer.te_forward(hidden_states, rotary_pos_emb, mask=None, mask_type="causal")
+            hidden_states = layer.te_forward(hidden_states, rotary_pos_emb, mask=None, mask_type="causal",
+                                             is_first_microbatch=is_first_microbatch)
         return hidden_states
 
 
 class StackGraph:
     """The decoder layers' recorded forward and backward, and the conditions under which they replay."""
 
-    def __init__(self, call: _StackCall, shape: torch.Size, dtype: torch.dtype, recipe):
+    def __init__(self, call: _StackCall, shape: torch.Size, dtype: torch.dtype, recipe, caches_weights: bool = False):
         self.call = call
         self.shape, self.dtype, self.recipe = shape, dtype, recipe
+        self.caches_weights = caches_weights
+        """Recorded with TE's FP8 weight caching: each replay takes ``is_first_microbatch``."""
         self.autocast = _autocast_state()
         self.eager_shapes: set[torch.Size] = set()  # other batch shapes seen (logged once each)
         self.params = tuple(p for p in call.parameters() if p.requires_grad)
@@ -89,14 +97,17 @@ class StackGraph:
         return fp8 is self.recipe and all(p.grad is None for p in self.params)
 
     def layer_forward(self, layer_idx: int, hidden_states: torch.Tensor, mask_type: str,
-                      rotary_pos_emb: torch.Tensor) -> torch.Tensor | None:
-        """The output of decoder layer ``layer_idx`` from the graph, or ``None``: the layer runs eagerly."""
+                      rotary_pos_emb: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor | None:
+        """The output of decoder layer ``layer_idx`` from the graph, or ``None``: the layer runs eagerly.
+        ``is_first_microbatch``: TE's argument (``False``: reuse the cached FP8 weights; ``None`` or ``True``:
+        cast them), see :mod:`te_llama.weight_cache`."""
         if layer_idx == 0:
             self._output = None
             if not self.replays(hidden_states, mask_type):
                 return None
             self.replays_done += 1
-            output = self.call(hidden_states, rotary_pos_emb=rotary_pos_emb)
+            cache = {"is_first_microbatch": is_first_microbatch is not False} if self.caches_weights else {}
+            output = self.call(hidden_states, rotary_pos_emb=rotary_pos_emb, **cache)
             self._output = weakref.ref(output)
             return output
         if self._output is not None and self._output() is hidden_states:
@@ -111,25 +122,27 @@ class StackGraph:
 
 
 def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_mask: torch.Tensor | None,
-                             recipe) -> None:
+                             recipe, cache_weights: bool = False) -> None:
     """Record the graph of ``llama_model``'s decoder layers (a HF ``LlamaModel``) for this training batch,
-    unless it exists for this FP8 recipe (``None``: BF16) and dtype: one recording serves a run, and batches of
-    another shape run eagerly. A padded batch records nothing (its layers run eagerly)."""
+    unless it exists for this FP8 recipe (``None``: BF16), dtype and FP8 weight caching (see
+    :mod:`te_llama.weight_cache`): one recording serves a run, and batches of another shape run eagerly. A padded
+    batch records nothing (its layers run eagerly)."""
     layers = llama_model.layers
     dtype = llama_model.embed_tokens.weight.dtype
+    cache_weights = cache_weights and recipe is not None
     graph = layers[0].cuda_graph
-    if graph is not None and graph.dtype == dtype and graph.recipe is recipe:
+    if graph is not None and graph.dtype == dtype and graph.recipe is recipe and graph.caches_weights == cache_weights:
         if graph.shape[:2] != tokens_shape and tokens_shape not in graph.eager_shapes:
             graph.eager_shapes.add(tokens_shape)
             logger.info("batches of shape %s run eagerly: the CUDA graphs were recorded for %s (call "
                         "enable_cuda_graphs() again to record for the next batch)", tuple(tokens_shape),
                         tuple(graph.shape[:2]))
         return
-    if attention_mask is not None and not bool(attention_mask.all()):
+    if attention_mask is not None and not is_causal_marker(attention_mask) and not bool(attention_mask.all()):
         return
     release_layer_graphs(layers)
     graph = record_layer_graphs(layers, llama_model.rotary_emb, *tokens_shape, llama_model.config.hidden_size,
-                                dtype, recipe)
+                                dtype, recipe, cache_weights)
     for layer in layers:
         layer.cuda_graph = graph
 
@@ -146,9 +159,10 @@ def release_layer_graphs(layers) -> None:
 
 
 def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, dtype: torch.dtype,
-                        recipe) -> StackGraph:
+                        recipe, cache_weights: bool = False) -> StackGraph:
     """Record the forward and backward graphs of ``layers`` (all of a model's decoder layers, in order) for
-    ``[batch, seq]`` token batches; ``recipe`` is the TE FP8 recipe the model trains with (``None``: BF16)."""
+    ``[batch, seq]`` token batches; ``recipe`` is the TE FP8 recipe the model trains with (``None``: BF16);
+    ``cache_weights``: replays may reuse the previous FP8 weight cast (:mod:`te_llama.weight_cache`)."""
     import transformer_engine.pytorch as te
 
     layers = list(layers)
@@ -162,13 +176,37 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     # Under torch.autocast (the Trainer's bf16=True) record with the same autocast dtype; TE refuses autocast's
     # weight-cast cache, which would keep tensors of the recording alive.
     autocast = _autocast_state()
-    with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=bool(autocast), cache_enabled=False):
+    with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=bool(autocast), cache_enabled=False), \
+            _weight_skip_flag(cache_weights):
         te.make_graphed_callables(call, sample, sample_kwargs={"rotary_pos_emb": angles.clone()},
                                   enabled=recipe is not None, recipe=recipe, clone_param_grads_on_return=False,
+                                  cache_quantized_params=cache_weights,
                                   post_warmup_hook=_release_warmup_memory)
     torch.cuda.empty_cache()
     logger.info("recorded CUDA graphs of %d decoder layers for batches of %d x %d tokens", len(layers), batch, seq)
-    return StackGraph(call, torch.Size((batch, seq, hidden)), dtype, recipe)
+    return StackGraph(call, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights)
+
+
+@contextmanager
+def _weight_skip_flag(cache_weights: bool) -> Iterator[None]:
+    """Hide TE's global "skip the FP8 weight cast" flag while recording a graph without weight caching.
+
+    TE's modules record a cast that obeys the flag whenever the flag exists, and TE creates it for the first
+    graph recorded with caching (in this process, any model). A graph recorded without caching after that would
+    obey it too, and skip its weight casts whenever a caching graph last set it, training on stale weights (seen
+    on an H100). Caching graphs keep reading the flag they recorded, which is restored afterwards.
+    """
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    state = FP8GlobalStateManager.quantization_state
+    saved = state.skip_fp8_weight_update_tensor
+    if not cache_weights:
+        state.skip_fp8_weight_update_tensor = None
+    try:
+        yield
+    finally:
+        if not cache_weights:
+            state.skip_fp8_weight_update_tensor = saved
 
 
 def _autocast_state() -> torch.dtype | None:

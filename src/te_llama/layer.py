@@ -150,7 +150,8 @@ class _LlamaLayerAdapter:
             )
         mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
         if self.cuda_graph is not None:
-            output = self.cuda_graph.layer_forward(self.layer_idx, hidden_states, mask.mask_type, angles)
+            output = self.cuda_graph.layer_forward(self.layer_idx, hidden_states, mask.mask_type, angles,
+                                                   kwargs.get("is_first_microbatch"))
             if output is not None:
                 return output
         return self.te_forward(hidden_states, angles, mask.mask, mask.mask_type, kwargs.get("is_first_microbatch"))

@@ -10,6 +10,11 @@ a mask type plus a boolean mask where ``True`` means *masked out*:
 
 Query rows with nothing to attend to (padding before the first real token) may attend to themselves, so no
 row of the softmax is empty: their outputs are padding and ignored, but they must not be NaN.
+
+A forward with neither mask nor position ids (a training step on fixed-length blocks) needs no mask at all, but
+HF's mask creation still checks the position ids it makes up for packed sequences, which waits for the GPU.
+:func:`causal_marker` is a stand-in 4-D mask that HF passes through unchanged (it takes any 4-D mask as prepared)
+and that te-llama's layers read as plain causal attention over positions ``0, 1, 2, ...``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,20 @@ class TEMask:
 
 
 CAUSAL = TEMask("causal", None, None)
+
+
+def causal_marker(batch: int, seq: int) -> torch.Tensor:
+    """A ``[batch, 1, seq, seq]`` stand-in for "causal, no padding, positions from 0" (no memory, no kernel).
+
+    Only te-llama's decoder layers can read it (:func:`is_causal_marker`); its values say nothing.
+    """
+    marker = torch.zeros((), dtype=torch.bool).expand(batch, 1, seq, seq)
+    marker._te_llama_causal = True
+    return marker
+
+
+def is_causal_marker(mask: torch.Tensor | None) -> bool:
+    return getattr(mask, "_te_llama_causal", False)
 
 
 def _causal(seq: int, device: torch.device) -> torch.Tensor:
@@ -56,7 +75,7 @@ def _never_empty(allowed: torch.Tensor) -> torch.Tensor:
 
 def te_mask_from_hf(hf_mask: torch.Tensor | None, batch: int, seq: int) -> TEMask:
     """Convert the mask HF passes to decoder layers (for a forward without a KV cache) to TE's form."""
-    if hf_mask is None:
+    if hf_mask is None or is_causal_marker(hf_mask):
         return CAUSAL
     if hf_mask.dim() == 2:
         if hf_mask.shape != (batch, seq):

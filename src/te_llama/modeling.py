@@ -28,7 +28,9 @@ from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe
 from te_llama.layer import check_config
 from te_llama.lm_head_loss import linear_cross_entropy
 from te_llama.loading import copy_hf_tensor, load_hf_weights
+from te_llama.masks import causal_marker
 from te_llama.patching import replace_decoder_layer
+from te_llama.weight_cache import FP8WeightCache
 from te_llama.weight_mapping import hf_names, hf_target, te_to_hf
 
 logger = logging.getLogger("te_llama")
@@ -99,6 +101,11 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         self._fp8_recipe = None
         self.cuda_graphs = False
         """Whether training steps replay the decoder layers as CUDA graphs (:meth:`enable_cuda_graphs`)."""
+        self.cache_fp8_weights = os.environ.get("TE_LLAMA_FP8_WEIGHT_CACHE", "0") == "1"
+        """``True`` (or ``TE_LLAMA_FP8_WEIGHT_CACHE=1``): FP8 training forwards cast the decoder weights once per
+        weight update and reuse the cast until the weights change (gradient accumulation; see
+        :mod:`te_llama.weight_cache`, which also says what it costs). Off by default: a cast every forward."""
+        self._fp8_weight_cache: FP8WeightCache | None = None
         self.chunked_lm_head_loss = True
         """Training forwards with labels compute LM head + loss in chunks and return no logits (see
         :mod:`te_llama.lm_head_loss`); ``False`` restores HF's full-logits path."""
@@ -186,12 +193,14 @@ class TELlamaForCausalLM(LlamaForCausalLM):
     @functools.wraps(LlamaForCausalLM.forward)
     def forward(self, *args, **kwargs):
         run = self._forward_chunked_loss if self._chunked_loss_applies(args, kwargs) else super().forward
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None and kwargs.get("inputs_embeds") is not None:
+            tokens = kwargs["inputs_embeds"][..., 0]
+        if tokens is not None and not args and _plain_causal(kwargs):  # no host sync in HF's mask creation
+            kwargs["attention_mask"] = causal_marker(*tokens.shape)
         fp8 = self.fp8_active()
         if not (fp8 or self.cuda_graphs):
             return run(*args, **kwargs)
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs["inputs_embeds"][..., 0]
         alignment = 32 if self.fp8_recipe_name == "mxfp8" else 8
         if fp8 and tokens.numel() % alignment:
             raise FP8ConfigError(
@@ -204,11 +213,14 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             if any(layer.gradient_checkpointing for layer in self.model.layers):  # HF's property walks all modules
                 raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
             record_layer_graphs_once(self.model, tokens.shape, kwargs.get("attention_mask"),
-                                     self._fp8_recipe if fp8 else None)
+                                     self._fp8_recipe if fp8 else None, cache_weights=self.cache_fp8_weights)
             graph = self.model.layers[0].cuda_graph
         if graph is not None:  # the graph computes all layers at the first: no per-layer outputs to report
             graph.armed = not any(kwargs.get(key, getattr(self.config, key, False))
                                   for key in ("output_hidden_states", "output_attentions"))
+        if fp8 and self.cache_fp8_weights and self.training and torch.is_grad_enabled() \
+                and "is_first_microbatch" not in kwargs:
+            kwargs["is_first_microbatch"] = self._weight_cast_flag(graph)
         try:
             if not fp8:
                 return run(*args, **kwargs)
@@ -216,9 +228,31 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
             with te.autocast(enabled=True, recipe=self._fp8_recipe):
                 return run(*args, **kwargs)
+        except BaseException:
+            self.fp8_weights_changed()  # the cast this forward was to keep may not have happened
+            raise
         finally:
             if graph is not None:
                 graph.armed = False
+
+    def _weight_cast_flag(self, graph) -> bool | None:
+        """TE's ``is_first_microbatch`` for this training forward (:mod:`te_llama.weight_cache`)."""
+        if self._fp8_weight_cache is None:
+            self._fp8_weight_cache = FP8WeightCache(self.model.layers.parameters())
+        return self._fp8_weight_cache.is_first_microbatch(
+            self._fp8_recipe, always_cache=graph is not None and graph.caches_weights)
+
+    def fp8_weights_changed(self) -> TELlamaForCausalLM:
+        """Cast the FP8 weights afresh at the next forward. Needed only after changing weights in ways neither an
+        optimizer step nor the parameters' version counters see (writes through ``param.data``, raw pointers);
+        see :mod:`te_llama.weight_cache`."""
+        if self._fp8_weight_cache is not None:
+            self._fp8_weight_cache.weights_changed()
+        return self
+
+    def fp8_weight_reuses(self) -> int:
+        """Training forwards that reused cached FP8 weights instead of casting them (:mod:`te_llama.weight_cache`)."""
+        return 0 if self._fp8_weight_cache is None else self._fp8_weight_cache.reuses
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
     def enable_cuda_graphs(self) -> TELlamaForCausalLM:
@@ -321,6 +355,11 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"state dict does not match: missing {missing}, unexpected {result.unexpected_keys}")
         return type(result)(missing, result.unexpected_keys)
+
+
+def _plain_causal(kwargs: dict) -> bool:
+    """A forward of fixed-length rows from position 0: no mask, no position ids, no cache to continue."""
+    return all(kwargs.get(key) is None for key in ("attention_mask", "position_ids", "past_key_values", "cache"))
 
 
 def _is_hf_name(key: str) -> bool:
