@@ -65,8 +65,10 @@ class FP8WeightCache:
         """Forwards that reused the cached FP8 weights instead of casting."""
 
     def _state(self, recipe) -> tuple:
+        # The recipe's id decides (another recipe object is another cast); the object rides along so that a kept
+        # state keeps it alive and a new recipe cannot take over its id.
         return (optimizer_steps(), sum(p._version for p in self.params), sum(p.data_ptr() for p in self.params),
-                id(recipe))
+                id(recipe), recipe)
 
     def is_first_microbatch(self, recipe, always_cache: bool = False) -> bool | None:
         """TE's argument for the next training forward under ``recipe``. ``always_cache``: never ``None`` (a CUDA
