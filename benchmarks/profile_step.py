@@ -214,24 +214,6 @@ def charge_gaps(trace_events: list[dict], top: int = 15, threshold_us: float = 2
             "largest_gaps": [(round(g / 1000, 3), k["name"][:80]) for g, k in largest]}
 
 
-PHASES = ("forward", "backward", "optimizer")
-
-
-def phased_step(model, ids, optimizer) -> torch.Tensor:
-    """:func:`te_llama.benchmark.training_step` with a profiler range around each phase."""
-    from torch.autograd.profiler import record_function
-
-    with record_function("phase forward"):
-        loss = model(input_ids=ids, labels=ids).loss
-    with record_function("phase backward"):
-        loss.backward()
-    with record_function("phase optimizer"):
-        if optimizer is not None:
-            optimizer.step()
-        (optimizer or model).zero_grad(set_to_none=True)
-    return loss
-
-
 def timeline(model, ids, optimizer, steps: int = 3, with_stack: bool = False) -> list[dict]:
     """``steps`` benchmark-timed steps under the profiler: where the event-timed step is longer than its kernels."""
     from torch.autograd.profiler import record_function
@@ -244,7 +226,7 @@ def timeline(model, ids, optimizer, steps: int = 3, with_stack: bool = False) ->
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             with record_function("timed_step"):
                 begin.record()
-                phased_step(model, ids, optimizer)
+                training_step(model, ids, optimizer, phase=lambda name: record_function(f"phase {name}"))
                 end.record()
             end.synchronize()
             measured.append(begin.elapsed_time(end))

@@ -22,6 +22,7 @@ layers, ``s`` sequence length, ``d_attn`` query heads x head dim (causal attenti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -156,13 +157,19 @@ def compile_regions(model) -> None:
     model.loss_function = torch.compile(model.loss_function)
 
 
-def training_step(model, ids: torch.Tensor, optimizer) -> torch.Tensor:
-    """One benchmark step: forward with labels, backward, optimizer step (if any), gradients freed."""
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-    (optimizer or model).zero_grad(set_to_none=True)
+def training_step(model, ids: torch.Tensor, optimizer, phase=None) -> torch.Tensor:
+    """One benchmark step: forward with labels, backward, optimizer step (if any), gradients freed.
+    ``phase``: called with ``"forward"``, ``"backward"``, ``"optimizer"``, a context manager around each (the
+    profiler's ranges, ``benchmarks/profile_step.py``)."""
+    phase = phase or (lambda name: contextlib.nullcontext())
+    with phase("forward"):
+        loss = model(input_ids=ids, labels=ids).loss
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer"):
+        if optimizer is not None:
+            optimizer.step()
+        (optimizer or model).zero_grad(set_to_none=True)
     return loss
 
 

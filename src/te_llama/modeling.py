@@ -208,8 +208,9 @@ class TELlamaForCausalLM(LlamaForCausalLM):
                 f"{tuple(tokens.shape)} = {tokens.numel()}. Pad sequences to a multiple of 16 (e.g. "
                 "DataCollatorForLanguageModeling(..., pad_to_multiple_of=16)) or use fixed-length blocks."
             )
+        training = self.training and torch.is_grad_enabled()
         graph = None
-        if self.cuda_graphs and self.training and torch.is_grad_enabled():
+        if self.cuda_graphs and training:
             if any(layer.gradient_checkpointing for layer in self.model.layers):  # HF's property walks all modules
                 raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
             record_layer_graphs_once(self.model, tokens.shape, kwargs.get("attention_mask"),
@@ -218,8 +219,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         if graph is not None:  # the graph computes all layers at the first: no per-layer outputs to report
             graph.armed = not any(kwargs.get(key, getattr(self.config, key, False))
                                   for key in ("output_hidden_states", "output_attentions"))
-        if fp8 and self.cache_fp8_weights and self.training and torch.is_grad_enabled() \
-                and "is_first_microbatch" not in kwargs:
+        if fp8 and training and self.cache_fp8_weights and "is_first_microbatch" not in kwargs:
             kwargs["is_first_microbatch"] = self._weight_cast_flag(graph)
         try:
             if not fp8:
