@@ -14,8 +14,9 @@ For one variant and shape of ``te-llama bench``, after warm-up steps:
 - with ``--timeline``: several steps timed as ``te-llama bench`` times them (CUDA events, a synchronisation
   after each), traced: per step the event time, the kernels' span, the GPU idle before the first kernel and
   after the last one, per phase (forward, backward, optimizer) the host's time against the GPU's busy time,
-  the slow CUDA runtime calls (allocation, synchronisation), and with ``--with-stack`` the host's Python
-  functions while the GPU waited for the first kernel;
+  the slow CUDA runtime calls (allocation, synchronisation), when each CUDA graph was launched and for how long,
+  and with ``--with-stack`` the host's Python functions while the GPU waited for the first kernel (with CUDA
+  graphs: for the forward graph's launch);
 - for te-llama variants, whether each layer's Q, K and V weights are consecutive views of one buffer (TE then
   concatenates them for free; otherwise it copies them every forward).
 
@@ -260,10 +261,16 @@ def step_timelines(events: list[dict], measured_ms: list[float], slow_us: float 
                 per_phase[phase["name"].removeprefix("phase ")] = {
                     "host_ms": phase["dur"] / 1000, "gpu_busy_ms": sum(e["dur"] for e in launched) / 1000,
                     "gpu_span_ms": (max(e["ts"] + e["dur"] for e in launched) - launched[0]["ts"]) / 1000,
-                    "gpu_start_ms": (launched[0]["ts"] - start) / 1000}
+                    "gpu_start_ms": (launched[0]["ts"] - start) / 1000, "kernels": len(launched),
+                    **gap_sizes(launched)}
+        graph_launches = sorted((e for e in runtime if start <= e["ts"] <= stop and e["name"] == "cudaGraphLaunch"),
+                                key=lambda e: e["ts"])
+        # Before the first kernel, or, with CUDA graphs, before the forward graph is launched: the host time the
+        # GPU waits for at the start of a step.
+        until = graph_launches[0]["ts"] if graph_launches else first
         lead_python = collections.Counter()
         for e in python:
-            if start <= e["ts"] and e["ts"] + e["dur"] <= first and e["dur"] >= slow_us:
+            if start <= e["ts"] and e["ts"] + e["dur"] <= until and e["dur"] >= slow_us:
                 lead_python[e["name"][:100]] += e["dur"] / 1000
         rows.append({
             "event_ms": ms, "kernel_span_ms": (last_end - first) / 1000,
@@ -272,9 +279,25 @@ def step_timelines(events: list[dict], measured_ms: list[float], slow_us: float 
             "phases": per_phase,
             "slow_runtime_calls": [(e["name"], round(e["dur"] / 1000, 3), round((e["ts"] - start) / 1000, 3))
                                    for e in runtime if start <= e["ts"] <= stop and e["dur"] >= slow_us][:20],
+            "graph_launches_ms": [(round((e["ts"] - start) / 1000, 3), round(e["dur"] / 1000, 3))
+                                  for e in graph_launches],
             "python_in_lead_ms": dict(lead_python.most_common(25)),
         })
     return rows
+
+
+def gap_sizes(kernels: list[dict], bounds_us=(5.0, 20.0, 100.0)) -> dict:
+    """Idle GPU time between consecutive ``kernels`` (sorted by start), summed by gap size, in ms: many small gaps
+    (launch latency between dependent kernels) or a few large ones (the GPU waiting for the host)."""
+    sums, counts, end = collections.Counter(), collections.Counter(), None
+    for kernel in kernels:
+        if end is not None and kernel["ts"] > end:
+            gap = kernel["ts"] - end
+            label = next((f"<{b:g}us" for b in bounds_us if gap < b), f">={bounds_us[-1]:g}us")
+            sums[label] += gap / 1000
+            counts[label] += 1
+        end = kernel["ts"] + kernel["dur"] if end is None else max(end, kernel["ts"] + kernel["dur"])
+    return {"gap_ms_by_size": {k: round(v, 3) for k, v in sorted(sums.items())}, "gaps_by_size": dict(counts)}
 
 
 def kernel_profile(model, ids, optimizer, steps: int, top: int) -> dict:

@@ -135,10 +135,37 @@ def test_step_timeline_splits_a_timed_step_into_lead_and_phases():
     assert step["lead_ms"] == pytest.approx(0.305) and step["kernel_span_ms"] == pytest.approx(0.69)
     assert step["gpu_busy_ms"] == pytest.approx(0.39) and step["host_after_last_kernel_ms"] == pytest.approx(0.005)
     assert step["phases"]["forward"] == {"host_ms": 0.3, "gpu_busy_ms": 0.1, "gpu_span_ms": 0.1,
-                                         "gpu_start_ms": pytest.approx(0.305)}
+                                         "gpu_start_ms": pytest.approx(0.305), "kernels": 1,
+                                         "gap_ms_by_size": {}, "gaps_by_size": {}}
     assert step["phases"]["optimizer"]["gpu_busy_ms"] == pytest.approx(0.09)
     assert step["slow_runtime_calls"] == [("cudaMalloc", 0.3, 0.54)]
-    assert step["python_in_lead_ms"] == {"slow_setup": 0.25}
+    assert step["python_in_lead_ms"] == {"slow_setup": 0.25} and step["graph_launches_ms"] == []
+
+
+def test_step_timeline_with_cuda_graphs_reports_launches_and_gaps_by_size():
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": 1, "args": args}
+
+    trace = [
+        x("user_annotation", "timed_step", 0, 2000), x("user_annotation", "phase forward", 10, 1500),
+        x("python_function", "before_launch", 20, 400), x("python_function", "after_launch", 700, 400),
+        x("cuda_runtime", "cudaLaunchKernel", 15, 2, correlation=1),
+        x("cuda_runtime", "cudaGraphLaunch", 1200, 100), x("cuda_runtime", "cudaGraphLaunch", 500, 150),
+        x("kernel", "embedding", 20, 10, correlation=1),
+        x("kernel", "norm", 700, 100, correlation=2), x("kernel", "gemm", 802, 300, correlation=3),
+        x("kernel", "add", 1110, 10, correlation=4), x("kernel", "attention", 1300, 50, correlation=5),
+        x("cuda_runtime", "cudaLaunchKernel", 1210, 2, correlation=2),
+        x("cuda_runtime", "cudaLaunchKernel", 1220, 2, correlation=3),
+        x("cuda_runtime", "cudaLaunchKernel", 1230, 2, correlation=4),
+        x("cuda_runtime", "cudaLaunchKernel", 1240, 2, correlation=5),
+    ]
+    (step,) = _profile_step_module().step_timelines(trace, [2.0], slow_us=200)
+    assert step["graph_launches_ms"] == [(0.5, 0.15), (1.2, 0.1)]  # in time order
+    assert step["python_in_lead_ms"] == {"before_launch": 0.4}  # up to the first graph launch
+    forward = step["phases"]["forward"]
+    assert forward["kernels"] == 5
+    assert forward["gaps_by_size"] == {">=100us": 2, "<5us": 1, "<20us": 1}
+    assert forward["gap_ms_by_size"] == {"<20us": 0.008, "<5us": 0.002, ">=100us": 0.85}
 
 
 def test_host_syncs_are_reported_with_their_callers(monkeypatch):

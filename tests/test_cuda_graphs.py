@@ -45,8 +45,8 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
 
     def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False):
         recorded.append(((batch, seq), recipe) + ((True,) if cache_weights else ()))
-        return cuda_graphs.StackGraph(cuda_graphs._StackCall(layers), torch.Size((batch, seq, hidden)), dtype, recipe,
-                                      cache_weights)
+        return cuda_graphs.StackGraph((cuda_graphs._StackCall(layers),), torch.Size((batch, seq, hidden)), dtype,
+                                      recipe, cache_weights)
 
     monkeypatch.setattr(cuda_graphs, "record_layer_graphs", record)
     monkeypatch.setattr(cuda_graphs.StackGraph, "reset", lambda self: None)
@@ -85,7 +85,10 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = model(input_ids=ids, labels=ids).loss
     layers = model.model.layers
-    graph = cuda_graphs.StackGraph(cuda_graphs._StackCall(layers), torch.Size((2, 16, 64)), torch.float32, None)
+    parts = cuda_graphs.split_stack(layers)  # recorded as two graphs: the first layer, then the others
+    assert [[layer.layer_idx for layer in part.layers] for part in parts] == [[0], [1, 2]]
+    assert [len(part.layers) for part in cuda_graphs.split_stack(layers[:1])] == [1]
+    graph = cuda_graphs.StackGraph(parts, torch.Size((2, 16, 64)), torch.float32, None)
     monkeypatch.setattr(cuda_graphs.StackGraph, "replays", lambda self, hidden, mask_type: self.armed)
     monkeypatch.setattr("te_llama.modeling.record_layer_graphs_once", lambda *args, **kwargs: None)  # "recorded" above
     model.cuda_graphs = True

@@ -2,17 +2,18 @@
 
 Transformer Engine's modules run a lot of Python per call (FP8 bookkeeping, attention backend checks). On a
 fast GPU the host can fall behind the kernels it launches, and the GPU waits. Transformer Engine's
-``make_graphed_callables`` records the forward of all decoder layers, one after the other, once as one CUDA
-graph and their backward as another; later steps replay each with one launch. Embeddings, final norm, LM head
-and loss stay eager.
+``make_graphed_callables`` records the forward of the decoder layers, one after the other, and their backward
+as CUDA graphs; later steps replay them with a few launches. Embeddings, final norm, LM head and loss stay eager.
 
-One graph for the whole stack rather than one per layer: a graph keeps its input and output buffers for its
-lifetime, and per layer those were four hidden-state-sized buffers plus a copy of each layer's input into its
-graph. Llama-3-8B's training step at 4,096 tokens then reserved 1.8 GiB more than HF's (48.6 against 46.8 GiB on
-an H100); with one graph it reserves 46.6.
+Two graphs per direction: the first layer, then all the others (:func:`split_stack`). Not one per layer: a
+graph keeps its input and output buffers for its lifetime, and per layer those were four hidden-state-sized
+buffers plus a copy of each layer's input into its graph; Llama-3-8B's training step at 4,096 tokens then
+reserved 1.8 GiB more than HF's (48.6 against 46.8 GiB on an H100), with the stack recorded whole 46.6. Not one
+for the whole stack either: launching it took the host 1.5-2.5 ms, while the GPU, with only the embedding to
+run, waited; now it runs the first layer during the launch of the rest.
 
-HF's ``LlamaModel`` still calls every decoder layer: the first one replays the graph, which computes all of
-them, and the others hand on the graph's output (they check that they received exactly it). Forward hooks on
+HF's ``LlamaModel`` still calls every decoder layer: the first one replays the graphs, which compute all of
+them, and the others hand on the graphs' output (they check that they received exactly it). Forward hooks on
 the layers after the first therefore see the stack's output; a forward that asks for per-layer outputs
 (``output_hidden_states``, ``output_attentions``) runs eagerly.
 
@@ -51,7 +52,8 @@ class CudaGraphError(RuntimeError):
 
 
 class _StackCall(torch.nn.Module):
-    """What the graph records: every decoder layer's TE forward in turn, causal attention, one RoPE table.
+    """What one graph records: the TE forward of consecutive decoder layers in turn, causal attention, one RoPE
+    table.
 
     Standalone (not part of the model), so that TE can replace its ``forward`` with the graph replay while the
     decoder layers keep their own. The layers are its only children, so their parameters are the graph's.
@@ -72,14 +74,16 @@ class _StackCall(torch.nn.Module):
 class StackGraph:
     """The decoder layers' recorded forward and backward, and the conditions under which they replay."""
 
-    def __init__(self, call: _StackCall, shape: torch.Size, dtype: torch.dtype, recipe, caches_weights: bool = False):
-        self.call = call
+    def __init__(self, calls: tuple[_StackCall, ...], shape: torch.Size, dtype: torch.dtype, recipe,
+                 caches_weights: bool = False):
+        self.calls = calls
+        """The recorded parts of the stack, in order (see :func:`split_stack`)."""
         self.shape, self.dtype, self.recipe = shape, dtype, recipe
         self.caches_weights = caches_weights
         """Recorded with TE's FP8 weight caching: each replay takes ``is_first_microbatch``."""
         self.autocast = _autocast_state()
         self.eager_shapes: set[torch.Size] = set()  # other batch shapes seen (logged once each)
-        self.params = tuple(p for p in call.parameters() if p.requires_grad)
+        self.params = tuple(p for call in calls for p in call.parameters() if p.requires_grad)
         self.replays_done = 0
         self.armed = False
         """Set by the model's forward for its own call of the layers (see the module docstring)."""
@@ -89,7 +93,7 @@ class StackGraph:
         """Whether the first layer's call can replay the graph (see the module docstring)."""
         if not (self.armed and mask_type == "causal" and torch.is_grad_enabled()
                 and hidden_states.shape == self.shape and hidden_states.dtype == self.dtype
-                and self.call.layers[0].training and _autocast_state() == self.autocast):
+                and self.calls[0].layers[0].training and _autocast_state() == self.autocast):
             return False
         from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
@@ -107,7 +111,9 @@ class StackGraph:
                 return None
             self.replays_done += 1
             cache = {"is_first_microbatch": is_first_microbatch is not False} if self.caches_weights else {}
-            output = self.call(hidden_states, rotary_pos_emb=rotary_pos_emb, **cache)
+            output = hidden_states
+            for call in self.calls:
+                output = call(output, rotary_pos_emb=rotary_pos_emb, **cache)
             self._output = weakref.ref(output)
             return output
         if self._output is not None and self._output() is hidden_states:
@@ -115,10 +121,26 @@ class StackGraph:
         return None
 
     def reset(self) -> None:
-        self.call.reset()
+        for call in self.calls:
+            call.reset()
 
     def __deepcopy__(self, memo):  # a copied model records its own graphs
         return None
+
+
+def split_stack(layers) -> tuple[_StackCall, ...]:
+    """The parts the stack is recorded in: the first layer alone, then the others.
+
+    Launching a graph costs the host time in proportion to its kernels (1.5-2.5 ms for Llama-3-8B's 32 layers on
+    an H100 or H200), and the GPU, which has only the embedding to run at the start of a forward, would wait for
+    all of it. The first layer's graph launches in about 0.1 ms and keeps the GPU busy while the host launches
+    the rest. Costs a few more hidden-state-sized buffers (0.1 GiB reserved for Llama-3-8B at 4,096 tokens) and
+    a copy of the first layer's output per step.
+    """
+    layers = list(layers)
+    if len(layers) < 2:
+        return (_StackCall(layers),)
+    return _StackCall(layers[:1]), _StackCall(layers[1:])
 
 
 def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_mask: torch.Tensor | None,
@@ -171,20 +193,22 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     device = next(layers[0].parameters()).device
     positions = torch.arange(seq, device=device)[None]
     _, angles = rotary_emb(torch.empty(0, device=device), positions).te_inputs(None, batch)
-    call = _StackCall(layers)
-    sample = (torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True),)
+    calls = split_stack(layers)
+    samples = tuple((torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True),)
+                    for _ in calls)
     # Under torch.autocast (the Trainer's bf16=True) record with the same autocast dtype; TE refuses autocast's
     # weight-cast cache, which would keep tensors of the recording alive.
     autocast = _autocast_state()
     with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=bool(autocast), cache_enabled=False), \
             _weight_skip_flag(cache_weights):
-        te.make_graphed_callables(call, sample, sample_kwargs={"rotary_pos_emb": angles.clone()},
+        te.make_graphed_callables(calls, samples,
+                                  sample_kwargs=tuple({"rotary_pos_emb": angles.clone()} for _ in calls),
                                   enabled=recipe is not None, recipe=recipe, clone_param_grads_on_return=False,
                                   cache_quantized_params=cache_weights,
                                   post_warmup_hook=_release_warmup_memory)
     torch.cuda.empty_cache()
     logger.info("recorded CUDA graphs of %d decoder layers for batches of %d x %d tokens", len(layers), batch, seq)
-    return StackGraph(call, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights)
+    return StackGraph(calls, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights)
 
 
 @contextmanager
