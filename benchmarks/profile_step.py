@@ -34,6 +34,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -181,6 +182,16 @@ def trace_events(prof) -> list[dict]:
             return json.load(handle)["traceEvents"]
 
 
+def gaps_between(kernels: list[dict]) -> Iterator[tuple[float, dict]]:
+    """``(idle us, kernel after the gap)`` for each stretch of idle GPU between ``kernels`` (sorted by start;
+    overlapping kernels count as one busy stretch)."""
+    end = None
+    for kernel in kernels:
+        if end is not None and kernel["ts"] > end:
+            yield kernel["ts"] - end, kernel
+        end = kernel["ts"] + kernel["dur"] if end is None else max(end, kernel["ts"] + kernel["dur"])
+
+
 def charge_gaps(trace_events: list[dict], top: int = 15, threshold_us: float = 20.0) -> dict:
     """Gaps between GPU kernels in a Chrome trace, each charged to the innermost host range (module mark,
     autograd node, optimizer step, else any op) open when the kernel after the gap was launched."""
@@ -199,17 +210,14 @@ def charge_gaps(trace_events: list[dict], top: int = 15, threshold_us: float = 2
         chosen = max(named or inside, key=lambda r: r["ts"], default=None)
         return chosen["name"][:120] if chosen else "(no range)"
 
-    gaps, end = [], None
-    for kernel in busy:
-        if end is not None and kernel["ts"] - end > threshold_us:
-            gaps.append((kernel["ts"] - end, kernel))
-        end = kernel["ts"] + kernel["dur"] if end is None else max(end, kernel["ts"] + kernel["dur"])
+    gaps = [(gap_us, kernel) for gap_us, kernel in gaps_between(busy) if gap_us > threshold_us]
     by_range = collections.Counter()
     for gap_us, kernel in gaps:
         launch = launches.get(kernel.get("args", {}).get("correlation"))
         by_range[innermost(launch) if launch else "(launch not found)"] += gap_us / 1000
     largest = sorted(gaps, key=lambda g: -g[0])[:top]
-    return {"step_span_ms": (end - busy[0]["ts"]) / 1000 if busy else 0.0, "gaps_over_us": threshold_us,
+    span_us = max(e["ts"] + e["dur"] for e in busy) - busy[0]["ts"] if busy else 0.0
+    return {"step_span_ms": span_us / 1000, "gaps_over_us": threshold_us,
             "gaps": len(gaps), "gaps_ms": sum(g for g, _ in gaps) / 1000,
             "gap_ms_by_launching_range": dict(by_range.most_common(top)),
             "largest_gaps": [(round(g / 1000, 3), k["name"][:80]) for g, k in largest]}
@@ -289,14 +297,11 @@ def step_timelines(events: list[dict], measured_ms: list[float], slow_us: float 
 def gap_sizes(kernels: list[dict], bounds_us=(5.0, 20.0, 100.0)) -> dict:
     """Idle GPU time between consecutive ``kernels`` (sorted by start), summed by gap size, in ms: many small gaps
     (launch latency between dependent kernels) or a few large ones (the GPU waiting for the host)."""
-    sums, counts, end = collections.Counter(), collections.Counter(), None
-    for kernel in kernels:
-        if end is not None and kernel["ts"] > end:
-            gap = kernel["ts"] - end
-            label = next((f"<{b:g}us" for b in bounds_us if gap < b), f">={bounds_us[-1]:g}us")
-            sums[label] += gap / 1000
-            counts[label] += 1
-        end = kernel["ts"] + kernel["dur"] if end is None else max(end, kernel["ts"] + kernel["dur"])
+    sums, counts = collections.Counter(), collections.Counter()
+    for gap, _ in gaps_between(kernels):
+        label = next((f"<{b:g}us" for b in bounds_us if gap < b), f">={bounds_us[-1]:g}us")
+        sums[label] += gap / 1000
+        counts[label] += 1
     return {"gap_ms_by_size": {k: round(v, 3) for k, v in sorted(sums.items())}, "gaps_by_size": dict(counts)}
 
 
