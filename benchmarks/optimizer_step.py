@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig
 
 from te_llama.adamw import AdamW
-from te_llama.benchmark import SHAPES, environment
+from te_llama.benchmark import SHAPES, environment, timed_ms
 
 SMOLLM2_135M = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -36,15 +36,7 @@ def parameters(config: LlamaConfig) -> list[torch.nn.Parameter]:
 def time_optimizer(optimizer, steps: int = 10) -> float:
     for _ in range(3):
         optimizer.step()
-    times = []
-    for _ in range(steps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        optimizer.step()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(timed_ms(optimizer.step)[0] for _ in range(steps))
 
 
 def candidates(params) -> dict:

@@ -38,7 +38,8 @@ from collections.abc import Iterator
 
 import torch
 
-from te_llama.benchmark import SHAPES, parse_variant, environment, prepare_variant, time_steps, training_step
+from te_llama.benchmark import (SHAPES, environment, parse_variant, prepare_variant, time_steps, timed_ms,
+                                training_step)
 
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
     ("attention", ("fmha", "flash", "attn", "cudnn_generated", "sdpa")),
@@ -228,17 +229,13 @@ def timeline(model, ids, optimizer, steps: int = 3, with_stack: bool = False) ->
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
-    measured = []
+    def step():
+        with record_function("timed_step"):
+            return training_step(model, ids, optimizer, phase=lambda name: record_function(f"phase {name}"))
+
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=with_stack) as prof:
-        for _ in range(steps):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with record_function("timed_step"):
-                begin.record()
-                training_step(model, ids, optimizer, phase=lambda name: record_function(f"phase {name}"))
-                end.record()
-            end.synchronize()
-            measured.append(begin.elapsed_time(end))
+        measured = [timed_ms(step)[0] for _ in range(steps)]
     return step_timelines([e for e in trace_events(prof) if e.get("ph") == "X"], measured)
 
 

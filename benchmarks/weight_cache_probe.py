@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from te_llama.benchmark import SHAPES, prepare_variant
+from te_llama.benchmark import SHAPES, prepare_variant, timed_ms
 
 
 def main() -> None:
@@ -38,12 +38,8 @@ def main() -> None:
             step(i)
         times = []
         for i in range(4, 19):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            loss = step(i)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
+            ms, loss = timed_ms(lambda: step(i))
+            times.append(ms)
         results[mode] = dict(ms=statistics.median(times), loss=loss.item(),
                              alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
                              reserved_gib=torch.cuda.max_memory_reserved() / 2**30,

@@ -187,22 +187,27 @@ def prepare_variant(variant: str, shape: Shape, device: torch.device):
     return model, optimizer, ids
 
 
+def timed_ms(run, device_type: str = "cuda"):
+    """``(milliseconds, result)`` of one call of ``run``, timed as the benchmark times a step: CUDA events around
+    it and a wait for the GPU after it (each step starts from an idle GPU); wall clock on a CPU."""
+    if device_type != "cuda":
+        start = time.perf_counter()
+        result = run()
+        return 1000 * (time.perf_counter() - start), result
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    result = run()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end), result
+
+
 def time_steps(model, ids: torch.Tensor, optimizer, steps: int) -> tuple[list[float], torch.Tensor | None]:
-    """Milliseconds of each of ``steps`` training steps (CUDA events on a GPU, wall clock on a CPU) and the last
-    step's loss."""
+    """Milliseconds of each of ``steps`` training steps (:func:`timed_ms`) and the last step's loss."""
     times, loss = [], None
     for _ in range(steps):
-        start = time.perf_counter()
-        if ids.device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            loss = training_step(model, ids, optimizer)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            loss = training_step(model, ids, optimizer)
-            times.append(1000 * (time.perf_counter() - start))
+        ms, loss = timed_ms(lambda: training_step(model, ids, optimizer), ids.device.type)
+        times.append(ms)
     return times, loss
 
 
