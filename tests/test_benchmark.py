@@ -215,3 +215,21 @@ def test_compiled_peers_compile_one_layer_graph_for_all_layers():
     model(input_ids=ids, labels=ids).loss.backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one decoder-layer graph, one loss graph
     torch._dynamo.reset()
+
+
+def test_gpu_power_summary_from_nvidia_smi_lines():
+    from te_llama.gpu_power import PowerSampler, summarize
+
+    lines = "1980, 120.5, 700.00\n1530, 695.1, 700.00\n[N/A], 690.0, 700.00\n1455, 701.3, 700.00\n1605, 688.0, 700.00\n"
+    summary = summarize(lines)
+    assert summary == {"sm_clock_mhz": 1567.5, "sm_clock_min_mhz": 1455.0, "power_w": 691.55,
+                       "power_limit_w": 700.0, "samples": 4}
+    assert summarize("") is None and summarize("Field 'clocks.sm' is not a valid field to query.\n") is None
+    row = dict(variant="te_fp8_delayed", shape="B", status="ok", ms_per_step=230.0, tokens_per_s=1.0,
+               model_tflops=1.0, final_loss=1.0, gpu_power=summary)
+    assert format_row(row).split()[-2:] == ["1568", "692"]
+    assert len(format_row({**row, "gpu_power": None}).split()) == len(format_row(row).split()) - 2  # not read
+    if not torch.cuda.is_available():  # no GPU: nothing sampled, nothing started
+        with PowerSampler() as sampler:
+            pass
+        assert sampler.summary() is None

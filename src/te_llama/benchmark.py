@@ -13,7 +13,8 @@ model each, with GPU memory released in between. Shapes (random weights and toke
 - ``tiny``: a small model the CPU tests run end to end.
 
 Each row: median ms/step over the timed steps (after warm-up), tokens/s, model TFLOP/s, peak memory, final
-loss, ratios against the HF BF16 row of the same shape in the same run. A peer that is not installed is a
+loss, ratios against the HF BF16 row of the same shape in the same run, and on a GPU the median SM clock and
+power draw during the timed steps (:mod:`te_llama.gpu_power`). A peer that is not installed is a
 ``skipped`` row. Model FLOPs per step: ``6 * N * T + 6 * L * s * d_attn * T`` with ``N`` the parameters that
 take part in matrix products (decoder layers and LM head; not the embedding lookup), ``T`` tokens, ``L``
 layers, ``s`` sequence length, ``d_attn`` query heads x head dim (causal attention: half the score matrix).
@@ -35,6 +36,7 @@ import torch
 
 from te_llama.adamw import AdamW
 from te_llama.adamw import describe as describe_optimizer
+from te_llama.gpu_power import PowerSampler
 from te_llama.layer import head_dim
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -224,7 +226,8 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     time_steps(model, ids, optimizer, warmup)
     warm = time.perf_counter()
-    times, loss = time_steps(model, ids, optimizer, steps)
+    with PowerSampler() as gpu_power:
+        times, loss = time_steps(model, ids, optimizer, steps)
     ms = statistics.median(times)
     tokens = shape.batch * shape.seq
     flops = model_flops_per_step(shape.llama_config(), shape.batch, shape.seq)
@@ -234,7 +237,8 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
            "final_loss": float(loss), "timed_steps": len(times), "optimizer": describe_optimizer(optimizer),
            "seconds": {"build": round(built - started, 1), "warmup": round(warm - built, 1),
-                       "timed": round(time.perf_counter() - warm, 1)}}
+                       "timed": round(time.perf_counter() - warm, 1)},
+           "gpu_power": gpu_power.summary()}  # SM clock and power draw during the timed steps (te_llama.gpu_power)
     if variant.startswith("te_") and device.type == "cuda":
         from te_llama.backend import te_attention_backend
 
@@ -371,7 +375,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 HEADER = f"{'shape':5s} {'variant':22s} {'ms/step':>9s} {'speedup':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} " \
-         f"{'peak GiB':>9s} {'mem ratio':>9s} {'reserved':>9s} {'res ratio':>9s} {'loss':>7s}"
+         f"{'peak GiB':>9s} {'mem ratio':>9s} {'reserved':>9s} {'res ratio':>9s} {'loss':>7s} {'SM MHz':>7s} {'W':>5s}"
 
 
 def format_row(row: dict) -> str:
@@ -383,7 +387,13 @@ def format_row(row: dict) -> str:
     speedup = f"{row['speedup_vs_hf_bf16']:7.2f}x" if "speedup_vs_hf_bf16" in row else f"{'':8s}"
     return (f"{row['shape']:5s} {row['variant']:22s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
             f"{row['model_tflops']:8.1f} {column('peak_memory_gib', '9.1f')} {column('memory_vs_hf_bf16', '9.2f')} "
-            f"{column('peak_reserved_gib', '9.1f')} {column('reserved_vs_hf_bf16', '9.2f')} {row['final_loss']:7.3f}")
+            f"{column('peak_reserved_gib', '9.1f')} {column('reserved_vs_hf_bf16', '9.2f')} {row['final_loss']:7.3f}"
+            f"{_power_columns(row.get('gpu_power'))}")
+
+
+def _power_columns(power: dict | None) -> str:
+    """Median SM clock and power draw during the timed steps, where they were read."""
+    return f" {power['sm_clock_mhz']:7.0f} {power['power_w']:5.0f}" if power else ""
 
 
 def write_report(rows: list[dict], path: str, command: str, suite_s: float | None = None) -> dict:

@@ -196,13 +196,14 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     calls = split_stack(layers)
     samples = tuple((torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True),)
                     for _ in calls)
+    angles = angles.clone()  # one input buffer for the RoPE table, read by both graphs
     # Under torch.autocast (the Trainer's bf16=True) record with the same autocast dtype; TE refuses autocast's
     # weight-cast cache, which would keep tensors of the recording alive.
     autocast = _autocast_state()
     with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=bool(autocast), cache_enabled=False), \
             _weight_skip_flag(cache_weights):
         te.make_graphed_callables(calls, samples,
-                                  sample_kwargs=tuple({"rotary_pos_emb": angles.clone()} for _ in calls),
+                                  sample_kwargs=tuple({"rotary_pos_emb": angles} for _ in calls),
                                   enabled=recipe is not None, recipe=recipe, clone_param_grads_on_return=False,
                                   cache_quantized_params=cache_weights,
                                   post_warmup_hook=_release_warmup_memory)
