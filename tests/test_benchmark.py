@@ -233,3 +233,21 @@ def test_gpu_power_summary_from_nvidia_smi_lines():
         with PowerSampler() as sampler:
             pass
         assert sampler.summary() is None
+
+
+def test_power_sampler_reads_a_sampling_process_until_the_block_ends(tmp_path, monkeypatch):
+    """The process handling, with a stand-in for ``nvidia-smi -lms 50``: started on entry, stopped on exit, its
+    lines summarised."""
+    import time
+
+    from te_llama import gpu_power
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nwhile true; do echo '1500, 690.5, 700.00'; sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_power, "_command", lambda interval_ms: [str(fake)])
+    with gpu_power.PowerSampler() as sampler:
+        time.sleep(0.5)
+    summary = sampler.summary()
+    assert summary["sm_clock_mhz"] == 1500 and summary["power_w"] == 690.5 and summary["samples"] >= 3
+    assert sampler._process.poll() is not None  # stopped

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
+import tempfile
 
 import torch
 
@@ -24,27 +25,31 @@ class PowerSampler:
     def __init__(self, interval_ms: int = 50):
         self.interval_ms = interval_ms
         self._process: subprocess.Popen | None = None
+        self._samples = None  # a temporary file, not a pipe: a long run must not fill it and stall the sampling
         self._output = ""
 
     def __enter__(self) -> PowerSampler:
         command = _command(self.interval_ms)
         if command is not None:
+            self._samples = tempfile.TemporaryFile("w+")
             try:
-                self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                                 text=True)
+                self._process = subprocess.Popen(command, stdout=self._samples, stderr=subprocess.DEVNULL)
             except OSError:
                 self._process = None
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._output, _ = self._process.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._output, _ = self._process.communicate()
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._samples is not None:
+            self._samples.seek(0)
+            self._output = self._samples.read()
+            self._samples.close()
 
     def summary(self) -> dict | None:
         """Median and lowest SM clock (MHz), median power draw and the limit (W), sample count; ``None`` without
