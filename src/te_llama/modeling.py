@@ -174,6 +174,10 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
         self._fp8_recipe = te_recipe(config)
         self.fp8_config = config
+        if resolve_recipe_name(config) == "delayed":
+            from te_llama import swiglu_backward
+
+            swiglu_backward.install()
         logger.info("FP8 training with recipe %s", describe(config))
         return self
 
