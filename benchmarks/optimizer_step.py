@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 from transformers import LlamaConfig
 
 from te_llama.adamw import AdamW
-from te_llama.benchmark import SHAPES, environment, timed_ms
+from te_llama.benchmark import SHAPES, environment, median_ms
 
 SMOLLM2_135M = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -31,12 +30,6 @@ def parameters(config: LlamaConfig) -> list[torch.nn.Parameter]:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     return params
-
-
-def time_optimizer(optimizer, steps: int = 10) -> float:
-    for _ in range(3):
-        optimizer.step()
-    return statistics.median(timed_ms(optimizer.step)[0] for _ in range(steps))
 
 
 def candidates(params) -> dict:
@@ -60,7 +53,7 @@ def main() -> None:
         params = parameters(config)
         rows = report["ms_per_step"][label] = {"parameters": sum(p.numel() for p in params), "tensors": len(params)}
         for name, make in candidates(params).items():
-            rows[name] = time_optimizer(make())
+            rows[name] = median_ms(make().step, repeats=10, warmup=3)
             torch.cuda.empty_cache()
             print(f"{label:>12}  {rows[name]:8.2f} ms  {name}", flush=True)
         params.clear()

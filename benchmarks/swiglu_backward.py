@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from te_llama import swiglu_backward
 from te_llama import swiglu_backward_triton as kernel
-from te_llama.benchmark import environment, timed_ms
+from te_llama.benchmark import environment, median_ms
 
 TILES = [(32, 128, 4), (32, 128, 8), (32, 64, 4), (64, 64, 8), (64, 128, 8)]
-
-
-def median_ms(run, repeats: int = 30) -> float:
-    for _ in range(5):
-        run()
-    return statistics.median(timed_ms(run)[0] for _ in range(repeats))
 
 
 def measure(rows: int, inner: int) -> dict:
@@ -39,6 +32,9 @@ def measure(rows: int, inner: int) -> dict:
     q.internal = True
     q.set_usage(rowwise=True, columnwise=True)
 
+    def timed(run) -> float:
+        return median_ms(run, repeats=30, warmup=5)
+
     def fused():
         fc1_bias = None  # noqa: F841  (a bias-free MLP, as TE's backward holds it)
         return swiglu_backward.dswiglu_quantize(grad, act_in, q)
@@ -46,13 +42,13 @@ def measure(rows: int, inner: int) -> dict:
     moved_fused = grad.numel() * 2 + act_in.numel() * 2 + act_in.numel() * 2  # read bf16, write FP8 twice
     moved_te = moved_fused + act_in.numel() * 2 * 2  # plus the bfloat16 gradient written and read back
     row = {"rows": rows, "inner": inner,
-           "te_dgated_act_ms": median_ms(lambda: tex.dswiglu(grad, act_in, None)),
-           "te_two_kernels_ms": median_ms(lambda: tex.bgrad_quantize(tex.dswiglu(grad, act_in, None), q)),
-           "fused_ms": median_ms(fused), "bytes_fused": moved_fused, "bytes_te": moved_te, "tiles": {}}
+           "te_dgated_act_ms": timed(lambda: tex.dswiglu(grad, act_in, None)),
+           "te_two_kernels_ms": timed(lambda: tex.bgrad_quantize(tex.dswiglu(grad, act_in, None), q)),
+           "fused_ms": timed(fused), "bytes_fused": moved_fused, "bytes_te": moved_te, "tiles": {}}
     default = (kernel.BLOCK_M, kernel.BLOCK_N, kernel.NUM_WARPS)
     for tile in TILES:
         kernel.BLOCK_M, kernel.BLOCK_N, kernel.NUM_WARPS = tile
-        row["tiles"]["x".join(map(str, tile))] = median_ms(fused)
+        row["tiles"]["x".join(map(str, tile))] = timed(fused)
     kernel.BLOCK_M, kernel.BLOCK_N, kernel.NUM_WARPS = default
     row["fused_tb_per_s"] = moved_fused / row["fused_ms"] / 1e9
     row["te_tb_per_s"] = moved_te / row["te_two_kernels_ms"] / 1e9

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from te_llama import benchmark
 from te_llama.benchmark import SHAPES, Skipped, _peer, add_ratios, format_row, model_flops_per_step, run_suite
 from te_llama.cli import main
 
@@ -251,3 +252,11 @@ def test_power_sampler_reads_a_sampling_process_until_the_block_ends(tmp_path, m
     summary = sampler.summary()
     assert summary["sm_clock_mhz"] == 1500 and summary["power_w"] == 690.5 and summary["samples"] >= 3
     assert sampler._process.poll() is not None  # stopped
+
+
+def test_median_ms_warms_up_then_takes_the_median(monkeypatch):
+    times = iter([5.0, 1.0, 9.0])
+    monkeypatch.setattr(benchmark, "timed_ms", lambda run, device_type: (next(times), run()))
+    calls = []
+    assert benchmark.median_ms(lambda: calls.append(1), repeats=3, warmup=2, device_type="cpu") == 5.0
+    assert len(calls) == 5  # two untimed calls, then three timed

@@ -204,6 +204,14 @@ def timed_ms(run, device_type: str = "cuda"):
     return begin.elapsed_time(end), result
 
 
+def median_ms(run, repeats: int, warmup: int, device_type: str = "cuda") -> float:
+    """Median of ``repeats`` :func:`timed_ms` calls of ``run``, after ``warmup`` untimed calls (the benchmark
+    scripts' timing of one operation)."""
+    for _ in range(warmup):
+        run()
+    return statistics.median(timed_ms(run, device_type)[0] for _ in range(repeats))
+
+
 def time_steps(model, ids: torch.Tensor, optimizer, steps: int) -> tuple[list[float], torch.Tensor | None]:
     """Milliseconds of each of ``steps`` training steps (:func:`timed_ms`) and the last step's loss."""
     times, loss = [], None
