@@ -5,8 +5,8 @@ and then casts that copy to FP8 with its transpose (``cast_transpose_fusion_kern
 at 4,096 tokens that is 352 MB read and 235 MB written, then 235 MB read and 235 MB written again; on an H200
 the two kernels took 4.8 + 4.2 ms of a 235 ms forward + backward step (shape B). The kernel in
 :mod:`te_llama.swiglu_backward_triton` does both in one pass and writes the same FP8 values (but for a few in
-ten million, one FP8 step apart, where its sigmoid rounds differently from TE's). On H200s it took 0.20-0.27 ms
-a layer instead of 0.28-0.29, and shape B's step 231.0 instead of 233.3 ms on average (1 %).
+ten million, one FP8 step apart, where its sigmoid rounds differently from TE's). On four H200s it took 0.20-0.30 ms
+a layer instead of 0.28-0.30, and shape B's step 231.0 instead of 233.3 ms on average (1 %).
 
 TE looks up, per activation and recipe, an optional "activation backward + bias gradient + quantize" function
 (``layernorm_mlp._act_func(activation, recipe)[2]``) and calls it when there is one; it ships such functions for

@@ -21,9 +21,10 @@ import triton.language as tl
 BLOCK_M = 32
 BLOCK_N = 128
 NUM_WARPS = 4
-"""Tile and warps: among the fastest tried on H200s at 4,096 and 8,192 x 14,336 (0.20-0.27 and 0.37-0.46 ms against
-TE's 0.28-0.29 and 0.55-0.56, depending on the machine; ``benchmarks/results/swiglu_backward_variants_h200.json``).
-Several tiles are within the machines' noise of it. Exact IEEE division in the sigmoid made the kernel slower (it
+"""Tile and warps: among the fastest tried on H200s at 4,096 and 8,192 x 14,336 (0.20-0.30 and 0.37-0.46 ms against
+TE's 0.28-0.30 and 0.55-0.56, depending on the machine; ``benchmarks/results/swiglu_backward_variants_h200.json``,
+``swiglu_backward_h200*.json``). Several tiles are within the machines' noise of it; on one machine 64 x 64 with 8
+warps was the fastest at 4,096 tokens (0.25 ms against this tile's 0.30). Exact IEEE division in the sigmoid made the kernel slower (it
 then bounds the row-major-only kernel) and matched TE's bytes only a little closer (14 instead of 22 of 117 million
 differing by one FP8 step)."""
 INT32_LIMIT = 2**31
