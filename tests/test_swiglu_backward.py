@@ -1,6 +1,7 @@
-"""The fused FP8 SwiGLU backward kernel (run by Triton's interpreter on the CPU) against the same math in torch:
-TE's ``dgated_act_kernel`` in float32, rounded to bfloat16, scaled and cast to FP8, plus its transpose, amax,
-scale_inv and bias gradient. Its use inside Transformer Engine is tested in ``tests/gpu/test_swiglu_backward.py``."""
+"""The fused FP8 SwiGLU backward kernel (run by Triton's interpreter on the CPU) against the same math: TE's
+``dgated_act_kernel`` in float32, rounded to bfloat16, scaled and cast to FP8, plus its transpose, amax, scale_inv and
+bias gradient, bit for bit. Its use inside Transformer Engine, and its FP8 bytes against TE's, are tested on the GPU
+in ``tests/gpu/test_swiglu_backward.py``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,23 @@ for case in cases:
 torch.save(cases, sys.argv[1])
 """
 
+FP8 = torch.float8_e4m3fn
+
+
+def interpreter_cast(values: torch.Tensor, dtype) -> torch.Tensor:
+    """``values`` (float32) cast as Triton's interpreter casts in the kernel: ``.to(tl.bfloat16)`` truncates,
+    ``.to(tl.float8e4nv)`` rounds half up without carrying into the exponent and does not saturate. The GPU rounds to
+    nearest even (the GPU tests compare the FP8 bytes with TE's); here the kernel's indexing and math are checked
+    bit for bit against the same float32 math cast the interpreter's way."""
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import _convert_float
+
+    rounding = None if dtype is torch.bfloat16 else ir.ROUNDING_MODE.RTNE
+    target = tl.bfloat16 if dtype is torch.bfloat16 else tl.float8e4nv
+    data = _convert_float(values.float().numpy(), tl.float32, target, rounding)
+    return torch.from_numpy(data.copy()).view(dtype)
+
 
 def run_interpreted(tmp_path, cases: list[dict]) -> list[dict]:
     """Run the kernel on each case under ``TRITON_INTERPRET=1`` in a fresh process: Triton reads the switch when
@@ -34,24 +53,29 @@ def run_interpreted(tmp_path, cases: list[dict]) -> list[dict]:
     return torch.load(path)
 
 
-def case(grad, act_in, *, scale: float, amax: float = 0.0, fp8=torch.float32, transpose=True,
-         bias_grad=True) -> dict:
+def backward_case(grad, act_in, *, scale: float, amax: float = 0.0, transpose=True, bias_grad=True) -> dict:
     rows, inner = grad.shape
     return dict(grad=grad, act_in=act_in, scale=torch.tensor([scale]), amax=torch.tensor([amax]),
-                out=torch.empty(rows, 2 * inner, dtype=fp8),
-                out_t=torch.empty(2 * inner, rows, dtype=fp8) if transpose else None,
+                out=torch.empty(rows, 2 * inner, dtype=FP8),
+                out_t=torch.empty(2 * inner, rows, dtype=FP8) if transpose else None,
                 scale_inv=torch.tensor([float("nan")]), bias_grad=bias_grad)
 
 
-def reference(grad: torch.Tensor, act_in: torch.Tensor):
-    """(input gradient rounded to bfloat16, its max |value|, bias gradient) as TE's unfused path computes them."""
-    inner = grad.shape[1]
-    gate, up, grad = act_in[:, :inner].float(), act_in[:, inner:].float(), grad.float()
-    sigmoid = 1.0 / (1.0 + torch.exp(-gate))
-    silu = gate * sigmoid
-    dsilu = gate * (sigmoid * (1.0 - sigmoid)) + sigmoid
-    dact = torch.cat([dsilu * grad * up, grad * silu], dim=1).to(torch.bfloat16).float()
-    return dact, dact.abs().max(), dact.sum(dim=0)
+def sigmoid_parts(act_in: torch.Tensor):
+    """gate, up and sigmoid(gate) in float32, computed as the kernel computes them under the interpreter (numpy)."""
+    inner = act_in.shape[1] // 2
+    gate, up = act_in[:, :inner].float().numpy(), act_in[:, inner:].float().numpy()
+    one = np.float32(1.0)
+    return gate, up, one / (one + np.exp(-gate))
+
+
+def backward_reference(grad: torch.Tensor, act_in: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's input gradient (gate half, up half) in float32, before the rounding to bfloat16."""
+    gate, up, sigmoid = sigmoid_parts(act_in)
+    grad = grad.float().numpy()
+    one = np.float32(1.0)
+    dsilu = gate * (sigmoid * (one - sigmoid)) + sigmoid
+    return torch.from_numpy(np.concatenate([dsilu * grad * up, grad * (gate * sigmoid)], axis=1))
 
 
 def inputs(rows: int, inner: int, seed: int = 0):
@@ -61,37 +85,37 @@ def inputs(rows: int, inner: int, seed: int = 0):
     return grad, act_in
 
 
-def test_kernel_matches_te_math(tmp_path):
-    """Indexing, masking, the transpose, the math, amax, scale_inv and the bias gradient. The kernel writes
-    float32 here: Triton's interpreter does not round float downcasts as the GPU does (it truncates), so the FP8
-    values themselves are compared with TE's, bit for bit, on the GPU (``tests/gpu/test_swiglu_backward.py``)."""
-    rows, inner = 70, 100  # neither a multiple of the 32 x 128 tiles: every edge is masked
-    grad, act_in = inputs(rows, inner)
-    results = run_interpreted(tmp_path, [case(grad, act_in, scale=300.0, fp8=torch.float32, bias_grad=True),
-                                         case(grad, act_in, scale=300.0, fp8=torch.float32, transpose=False,
-                                              bias_grad=False),
-                                         {**case(grad, act_in, scale=300.0, fp8=torch.float32), "wide": True}])
-    dact, expected_amax, expected_bias = reference(grad, act_in)
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+ROWS, INNER = 70, 100  # neither a multiple of the 32 x 128 tiles: every edge is masked
+
+
+def test_backward_kernel_matches_te_math(tmp_path):
+    """Indexing, masking, the transpose, the math, amax, scale_inv and the bias gradient, bit for bit."""
+    grad, act_in = inputs(ROWS, INNER)
+    results = run_interpreted(tmp_path, [backward_case(grad, act_in, scale=30.0, bias_grad=True),
+                                         backward_case(grad, act_in, scale=30.0, transpose=False, bias_grad=False),
+                                         {**backward_case(grad, act_in, scale=30.0), "wide": True}])
+    dact = interpreter_cast(backward_reference(grad, act_in), torch.bfloat16).float()  # as TE's BF16 copy
+    expected = interpreter_cast(dact * 30.0, FP8)
     for result in results:
-        # the interpreter's bfloat16 rounding may land one bfloat16 step away
-        torch.testing.assert_close(result["out"], dact * 300.0, rtol=2**-7, atol=0)
-        torch.testing.assert_close(result["amax"], expected_amax.reshape(1), rtol=2**-7, atol=0)
-        assert result["scale_inv"].item() == pytest.approx(1 / 300.0, rel=1e-7)
-    assert torch.equal(results[0]["out_t"], results[0]["out"].t())
-    # the bias gradient: column sums of the gradient the kernel wrote (the interpreter truncates, so its sums drift
-    # from the exactly rounded reference's)
-    torch.testing.assert_close(results[0]["bias"], results[0]["out"].sum(dim=0) / 300.0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(results[0]["bias"], expected_bias, rtol=0.05, atol=2e-3)
+        assert same_bytes(result["out"], expected)
+        assert result["amax"].item() == dact.abs().max().item()
+        assert result["scale_inv"].item() == pytest.approx(1 / 30.0, rel=1e-7)
+    assert same_bytes(results[0]["out_t"], expected.t().contiguous())
+    assert same_bytes(results[2]["out_t"], expected.t().contiguous())  # 64-bit offsets, as from 2**31 elements
+    torch.testing.assert_close(results[0]["bias"], dact.sum(dim=0), rtol=1e-5, atol=1e-6)  # summation order
+    torch.testing.assert_close(results[2]["bias"], results[0]["bias"], rtol=0, atol=0)
     assert results[1]["bias"] is None and results[1]["out_t"] is None
-    for key in ("out", "out_t", "amax", "bias"):  # 64-bit offsets, as for tensors of 2**31 elements or more
-        assert torch.equal(results[2][key], results[0][key])
 
 
 def test_amax_only_grows(tmp_path):
     """Delayed scaling accumulates a step's amax in place: the kernel raises it, never lowers it."""
     grad, act_in = inputs(64, 64, seed=1)
-    _, expected_amax, _ = reference(grad, act_in)
-    results = run_interpreted(tmp_path, [case(grad, act_in, scale=1.0, amax=0.0, fp8=torch.float32),
-                                         case(grad, act_in, scale=1.0, amax=1e6, fp8=torch.float32)])
-    assert results[0]["amax"].item() == pytest.approx(expected_amax.item(), rel=2**-7)
+    results = run_interpreted(tmp_path, [backward_case(grad, act_in, scale=1.0, amax=0.0),
+                                         backward_case(grad, act_in, scale=1.0, amax=1e6)])
+    dact = interpreter_cast(backward_reference(grad, act_in), torch.bfloat16).float()
+    assert results[0]["amax"].item() == dact.abs().max().item()
     assert results[1]["amax"].item() == 1e6
