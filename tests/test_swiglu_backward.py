@@ -53,7 +53,7 @@ def run_interpreted(tmp_path, cases: list[dict]) -> list[dict]:
     return torch.load(path)
 
 
-def backward_case(grad, act_in, *, scale: float, amax: float = 0.0, transpose=True, bias_grad=True) -> dict:
+def case(grad, act_in, *, scale: float, amax: float = 0.0, transpose=True, bias_grad=True) -> dict:
     rows, inner = grad.shape
     return dict(grad=grad, act_in=act_in, scale=torch.tensor([scale]), amax=torch.tensor([amax]),
                 out=torch.empty(rows, 2 * inner, dtype=FP8),
@@ -61,19 +61,13 @@ def backward_case(grad, act_in, *, scale: float, amax: float = 0.0, transpose=Tr
                 scale_inv=torch.tensor([float("nan")]), bias_grad=bias_grad)
 
 
-def sigmoid_parts(act_in: torch.Tensor):
-    """gate, up and sigmoid(gate) in float32, computed as the kernel computes them under the interpreter (numpy)."""
+def reference(grad: torch.Tensor, act_in: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's input gradient (gate half, up half) in float32, before the rounding to bfloat16, computed as the
+    kernel computes it under the interpreter (numpy, float32, the same order of operations)."""
     inner = act_in.shape[1] // 2
-    gate, up = act_in[:, :inner].float().numpy(), act_in[:, inner:].float().numpy()
+    gate, up, grad = act_in[:, :inner].float().numpy(), act_in[:, inner:].float().numpy(), grad.float().numpy()
     one = np.float32(1.0)
-    return gate, up, one / (one + np.exp(-gate))
-
-
-def backward_reference(grad: torch.Tensor, act_in: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's input gradient (gate half, up half) in float32, before the rounding to bfloat16."""
-    gate, up, sigmoid = sigmoid_parts(act_in)
-    grad = grad.float().numpy()
-    one = np.float32(1.0)
+    sigmoid = one / (one + np.exp(-gate))
     dsilu = gate * (sigmoid * (one - sigmoid)) + sigmoid
     return torch.from_numpy(np.concatenate([dsilu * grad * up, grad * (gate * sigmoid)], axis=1))
 
@@ -95,10 +89,10 @@ ROWS, INNER = 70, 100  # neither a multiple of the 32 x 128 tiles: every edge is
 def test_backward_kernel_matches_te_math(tmp_path):
     """Indexing, masking, the transpose, the math, amax, scale_inv and the bias gradient, bit for bit."""
     grad, act_in = inputs(ROWS, INNER)
-    results = run_interpreted(tmp_path, [backward_case(grad, act_in, scale=30.0, bias_grad=True),
-                                         backward_case(grad, act_in, scale=30.0, transpose=False, bias_grad=False),
-                                         {**backward_case(grad, act_in, scale=30.0), "wide": True}])
-    dact = interpreter_cast(backward_reference(grad, act_in), torch.bfloat16).float()  # as TE's BF16 copy
+    results = run_interpreted(tmp_path, [case(grad, act_in, scale=30.0, bias_grad=True),
+                                         case(grad, act_in, scale=30.0, transpose=False, bias_grad=False),
+                                         {**case(grad, act_in, scale=30.0), "wide": True}])
+    dact = interpreter_cast(reference(grad, act_in), torch.bfloat16).float()  # as TE's BF16 copy
     expected = interpreter_cast(dact * 30.0, FP8)
     for result in results:
         assert same_bytes(result["out"], expected)
@@ -114,8 +108,8 @@ def test_backward_kernel_matches_te_math(tmp_path):
 def test_amax_only_grows(tmp_path):
     """Delayed scaling accumulates a step's amax in place: the kernel raises it, never lowers it."""
     grad, act_in = inputs(64, 64, seed=1)
-    results = run_interpreted(tmp_path, [backward_case(grad, act_in, scale=1.0, amax=0.0),
-                                         backward_case(grad, act_in, scale=1.0, amax=1e6)])
-    dact = interpreter_cast(backward_reference(grad, act_in), torch.bfloat16).float()
+    results = run_interpreted(tmp_path, [case(grad, act_in, scale=1.0, amax=0.0),
+                                         case(grad, act_in, scale=1.0, amax=1e6)])
+    dact = interpreter_cast(reference(grad, act_in), torch.bfloat16).float()
     assert results[0]["amax"].item() == dact.abs().max().item()
     assert results[1]["amax"].item() == 1e6
