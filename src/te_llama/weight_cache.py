@@ -22,7 +22,10 @@ never stale:
 Off by default (``model.cache_fp8_weights = True`` or ``TE_LLAMA_FP8_WEIGHT_CACHE=1`` turns it on): measured on
 an H100 with Llama-3-8B at 4,096 tokens, forward + backward passes without optimizer steps took about 3 % less
 time, but the cached copies (about 13 GiB for 8B parameters, row- and column-wise FP8) fragment the allocator: the
-peak reserved memory rose from 46.7 to 50.2 GiB at the same peak allocated (see ``benchmarks/NOTES.md``).
+peak reserved memory rose from 46.7 to 50.2 GiB at the same peak allocated (see ``benchmarks/NOTES.md``). An
+allocator trace on an H200 points at the cause: without the cache the backward makes no new memory segment, as
+the parameter gradients (kept until the step ends) fit where each layer's per-step FP8 copies were; with the cache
+every layer's backward makes new segments for its short-lived tensors.
 
 Changes that neither an optimizer step nor a version counter sees, such as writes through ``param.data`` or raw
 pointers outside an optimizer, need :meth:`FP8WeightCache.weights_changed`
