@@ -82,8 +82,8 @@ def dswiglu_fp8(grad: torch.Tensor, act_in: torch.Tensor, scale: torch.Tensor, a
     gradients, ``scale_inv`` with ``1 / scale``, raise ``amax`` to their max |value|.
 
     ``grad``: (rows, inner), ``act_in``: (rows, 2 * inner), gate first, both contiguous bfloat16; ``out`` and
-    ``out_t`` in ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` (float32 in the CPU tests). Returns the bias gradient (float32, 2 * inner)
-    when ``bias_grad``, else ``None``.
+    ``out_t`` in ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``. Returns the bias gradient (float32,
+    2 * inner) when ``bias_grad``, else ``None``.
     """
     rows, inner = grad.shape
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(inner, BLOCK_N))
