@@ -110,8 +110,12 @@ class _LlamaLayerAdapter:
     def __init__(self, config, layer_idx: int):
         check_config(config)
         device = torch.get_default_device()
-        if self.backend == "te" and device.type == "cpu":
-            device = torch.device("cuda")
+        if self.backend == "te":
+            from te_llama import rope_apply
+
+            rope_apply.install()  # TE attention's RoPE by te-llama's kernel (idempotent)
+            if device.type == "cpu":
+                device = torch.device("cuda")
         super().__init__(**transformer_layer_kwargs(config, layer_idx, device, torch.get_default_dtype()))
         self.layer_idx = layer_idx
         scale = softmax_scale(config)
