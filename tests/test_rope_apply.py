@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from te_llama import rope
 from te_llama.rope_apply import covered
 
 RUN_KERNEL = """
@@ -41,10 +42,8 @@ def run_interpreted(tmp_path, cases: list[dict]) -> list[dict]:
 
 
 def angle_table(seq: int, dim: int, theta: float = 500000.0) -> torch.Tensor:
-    """TE's ``freqs`` as te_llama.rope builds it: ``[seq, 1, 1, dim]`` float32, the two halves equal."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    freqs = torch.arange(seq, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :].contiguous()
+    """TE's ``freqs`` as the model builds it (te_llama.rope.angle_table) for Llama's default inverse frequencies."""
+    return rope.angle_table(torch.arange(seq), 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
 def reference(x: torch.Tensor, angles: torch.Tensor, backward: bool, tensor_format: str) -> torch.Tensor:

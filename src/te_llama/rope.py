@@ -67,6 +67,13 @@ def shared_positions(position_ids: torch.Tensor, valid_tokens: torch.Tensor | No
     return steps
 
 
+def angle_table(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """TE's RoPE input: the angle of each position and rotary dim, ``[seq, 1, 1, head_dim]`` float32, both halves
+    of a head the same (HF's ``rotate_half`` convention)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]
+    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :].contiguous()
+
+
 class RotaryAngles:
     """Per-forward RoPE state: the inverse frequencies and the batch's position ids.
 
@@ -85,9 +92,7 @@ class RotaryAngles:
             return self._memo[1], self._memo[2]
         seq = self.position_ids.shape[-1]
         mask = te_mask_from_hf(attention_mask, batch, seq)
-        positions = shared_positions(self.position_ids, mask.valid_tokens)
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device, torch.float32)[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :].contiguous()
+        angles = angle_table(shared_positions(self.position_ids, mask.valid_tokens), self.inv_freq)
         self._memo = (attention_mask, mask, angles)
         return mask, angles
 

@@ -24,7 +24,7 @@ H200 (``benchmarks/results/rope_apply_tiles_h200.json``): at 4,096 tokens 0.029 
 one layer's query and key, against TE's 0.045 and 0.078; 4 warps took 0.036 and 0.067."""
 NUM_WARPS = 2
 INT32_LIMIT = 2**31
-"""Tensors spanning this many elements or more are indexed with 64-bit offsets."""
+"""Tensors whose last element lies this many elements or more from the first are indexed with 64-bit offsets."""
 
 
 @triton.jit
@@ -75,11 +75,14 @@ def rope(x: torch.Tensor, angles: torch.Tensor, out: torch.Tensor, backward: boo
     tokens = batch * seq
     block_h = triton.next_power_of_2(heads)
     block_t = max(1, min(TILE_ELEMENTS // (block_h * dim), triton.next_power_of_2(tokens)))
-    span = max((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1
-    out_span = max((size - 1) * stride for size, stride in zip(out.shape, out.stride())) + 1
     grid = (triton.cdiv(tokens, block_t),)
     _rope[grid](x, angles, out, tokens, seq, heads, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
                 out.stride(1), out.stride(2), BACKWARD=backward,
-                WIDE=max(span, out_span, angles.numel()) * 2 >= INT32_LIMIT, BLOCK_T=block_t, BLOCK_H=block_h,
-                HALF=dim // 2, num_warps=NUM_WARPS)
+                WIDE=max(_last_offset(x), _last_offset(out), angles.numel() - 1) >= INT32_LIMIT, BLOCK_T=block_t,
+                BLOCK_H=block_h, HALF=dim // 2, num_warps=NUM_WARPS)
     return out
+
+
+def _last_offset(t: torch.Tensor) -> int:
+    """The largest element offset a kernel indexing ``t`` by its strides computes."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
