@@ -60,6 +60,33 @@ def test_chunk_size_holds_about_256_mib_of_logits():
     assert chunk_tokens(10**7) == 128
 
 
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_kernel_step_writes_the_logits_where_their_gradient_goes(monkeypatch, chunk):
+    """With the kernel as the step (an eager stand-in here: the kernel needs a GPU), each chunk's logits are written
+    into the gradient buffer's rows and turned into their gradient in place; without a chunk size, the batch is one
+    chunk. Loss and gradients as HF's."""
+    import te_llama.lm_head_loss as module
+
+    seen = []
+
+    def in_place(logits, targets, row_scale, grad_out, loss_out):
+        assert logits.data_ptr() == grad_out.data_ptr() and logits.shape == grad_out.shape
+        seen.append(logits.shape[0])
+        gradient = torch.empty_like(grad_out)
+        module.loss_and_logit_grad_eager(logits, targets, row_scale, gradient, loss_out)
+        grad_out.copy_(gradient)
+
+    monkeypatch.setattr(module, "loss_and_logit_grad_kernel", in_place)
+    monkeypatch.setattr(module, "_chunk_step", lambda device: in_place)
+    hidden, weight, labels = make_inputs(vocab=300, hidden_size=48, batch=3, seq=200, ignored=((1, 150),))
+    actual = linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    expected = hf_loss(hidden, weight, labels)
+    assert seen == ([600] if chunk is None else [256, 256, 88])
+    assert abs(actual.item() - expected.item()) < 1e-6 * expected.item()
+    for a, e in zip(grads(actual, hidden, weight), grads(expected, hidden, weight)):
+        assert relative_error(a, e) < 1e-5
+
+
 def train_step(model, ids, labels, **kwargs):
     model.zero_grad()
     out = model(input_ids=ids, labels=labels, **kwargs)
@@ -97,8 +124,9 @@ def test_eval_and_no_grad_forwards_keep_logits(hf_checkpoint):
 
 
 def test_compiled_chunk_step_matches_eager():
-    """The step CUDA runs through torch.compile (inductor on CPU here) and the in-place eager step: same loss and
-    gradient; one graph per chunk shape (full chunks, remainder), whatever the chunk's offset in the buffer."""
+    """The step CUDA runs through torch.compile with ``TE_LLAMA_FUSED_LOSS=0`` (inductor on CPU here) and the
+    in-place eager step: same losses and gradient; one graph per chunk shape (full chunks, remainder), whatever the
+    chunk's offset in the buffer."""
     from torch._dynamo.utils import counters
 
     from te_llama.lm_head_loss import loss_and_logit_grad, loss_and_logit_grad_eager
@@ -111,15 +139,70 @@ def test_compiled_chunk_step_matches_eager():
     targets = torch.randint(0, 300, (160,), generator=generator)
     scale = torch.rand(160, generator=generator)
     fused, plain, eager = (torch.empty(160, 300, dtype=torch.bfloat16) for _ in range(3))
+    losses = torch.empty(3, 160)
     for start in range(0, 160, 64):
         rows = slice(start, start + 64)
-        a = compiled(logits[rows], targets[rows], scale[rows], fused[rows])
-        b = loss_and_logit_grad(logits[rows], targets[rows], scale[rows], plain[rows])
-        c = loss_and_logit_grad_eager(logits[rows], targets[rows], scale[rows], eager[rows])
-        assert abs(a.item() - b.item()) < 1e-5 * abs(b.item()) and abs(c.item() - b.item()) < 1e-5 * abs(b.item())
+        compiled(logits[rows], targets[rows], scale[rows], fused[rows], losses[0, rows])
+        loss_and_logit_grad(logits[rows], targets[rows], scale[rows], plain[rows], losses[1, rows])
+        loss_and_logit_grad_eager(logits[rows], targets[rows], scale[rows], eager[rows], losses[2, rows])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[2], losses[1], rtol=1e-5, atol=1e-6)
     for other in (fused, eager):
         assert (other.float() - plain.float()).abs().max().item() < 1e-2 * plain.float().abs().max().item()
     assert counters["stats"]["unique_graphs"] == 2
+
+
+RUN_KERNEL = """
+import sys, torch
+import te_llama.lm_head_loss_triton as kernel
+cases = torch.load(sys.argv[1])
+for case in cases:
+    kernel.BLOCK = case.pop("block")
+    if case.pop("in_place"):
+        case["grad"] = case["logits"]
+    kernel.cross_entropy_rows(case["logits"], case["targets"], case["scale"], case["grad"], case["loss"])
+torch.save(cases, sys.argv[1])
+"""
+
+
+def kernel_case(rows, vocab, block, in_place=False, grad_dtype=torch.bfloat16, magnitude=3.0, stride=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    storage = torch.randn(rows, stride or vocab, generator=generator) * magnitude
+    logits = storage.bfloat16()[:, :vocab]  # a view with a longer row stride when stride > vocab
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[0], targets[-1] = 0, vocab - 1  # first and last column
+    scale = torch.rand(rows, generator=generator) / rows
+    scale[1] = 0.0  # an ignored token: its gradient row is zero, its loss 0
+    return dict(logits=logits, targets=targets, scale=scale, grad=torch.full((rows, vocab), 7.0, dtype=grad_dtype),
+                loss=torch.full((rows,), 7.0), block=block, in_place=in_place)
+
+
+def test_loss_kernel_matches_float64_math(tmp_path):
+    """The loss kernel under Triton's interpreter against float64 math: vocabularies over several blocks with a
+    partial last one, a strided logits view, the gradient written over the logits (as the model runs it), logits
+    large enough to overflow exp without the running maximum, bf16 and float32 gradients."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    cases = [kernel_case(6, 1000, 256), kernel_case(7, 1000, 256, stride=1100), kernel_case(6, 1000, 256, in_place=True),
+             kernel_case(5, 300, 8192, grad_dtype=torch.float32), kernel_case(4, 777, 128, magnitude=60.0)]
+    expected = [(case["logits"], case["targets"], case["scale"]) for case in cases]
+    path = tmp_path / "cases.pt"
+    torch.save(cases, path)
+    subprocess.run([sys.executable, "-c", RUN_KERNEL, str(path)], env=dict(os.environ, TRITON_INTERPRET="1"),
+                   check=True, timeout=300)
+    for case, (logits, targets, scale) in zip(torch.load(path), expected):
+        x = logits.double()
+        log_normalizer = torch.logsumexp(x, dim=-1)
+        loss = (log_normalizer - x.gather(1, targets[:, None])[:, 0]) * scale.double()
+        grad = (torch.softmax(x, dim=-1) - torch.nn.functional.one_hot(targets, x.shape[1])) * scale.double()[:, None]
+        torch.testing.assert_close(case["loss"].double(), loss, rtol=1e-6, atol=1e-9)
+        # one bf16 step: Triton's interpreter truncates float32 to bf16 (the GPU rounds to nearest)
+        tolerance = 2 ** -7 if case["grad"].dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(case["grad"].double(), grad, rtol=tolerance, atol=1e-12)
+        assert not case["grad"][1].any() and case["loss"][1] == 0  # the ignored token
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):

@@ -18,11 +18,11 @@ gradients of another dtype than their parameter, or a learning rate held in a CU
 from __future__ import annotations
 
 import collections
-import functools
-import importlib.util
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
+
+from te_llama.backend import triton_installed
 
 TRITON_MIN_NUMEL = 1 << 22
 """Parameters with at least this many elements (4M: Llama-3-8B's K/V projections and up) take the Triton
@@ -42,7 +42,7 @@ class AdamW(torch.optim.AdamW):
     def uses_triton(self) -> bool:
         """Whether the next step runs te-llama's CUDA step (Triton for large parameters, torch's multi-tensor fused
         kernel for the small ones), else torch's AdamW step."""
-        if not _triton_installed() or not hasattr(torch, "_fused_adamw_"):
+        if not triton_installed() or not hasattr(torch, "_fused_adamw_"):
             return False
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
@@ -99,11 +99,6 @@ class AdamW(torch.optim.AdamW):
             raise RuntimeError("te_llama.AdamW: the optimizer state of a parameter is not contiguous; was it loaded "
                                "from a state dict of another memory layout?")
         return state
-
-
-@functools.cache
-def _triton_installed() -> bool:  # asked at every step; the answer does not change within a process
-    return importlib.util.find_spec("triton") is not None
 
 
 def _kernel_fits(param: torch.Tensor, grad: torch.Tensor | None) -> bool:

@@ -8,6 +8,7 @@ TE backend is actually chosen.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -24,6 +25,13 @@ ENV_VAR = "TE_LLAMA_BACKEND"
 TE_INSTALL_HINT = "pip install 'te-llama[te]' (needs a CUDA GPU and toolkit)"
 
 _logged: set[str] = set()
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether Triton (te-llama's own kernels: AdamW, the LM-head loss) can be imported; asked at every step, and
+    the answer does not change within a process."""
+    return importlib.util.find_spec("triton") is not None
 
 
 class BackendUnavailableError(RuntimeError):

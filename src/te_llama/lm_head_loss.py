@@ -1,17 +1,25 @@
-"""LM head + cross-entropy in chunks of tokens, without materialising the logits of the whole batch.
+"""LM head + cross-entropy without HF's float32 copies of the whole batch's logits.
 
 Hugging Face computes ``logits = lm_head(hidden)`` for every token, upcasts them to float32 and runs
 cross-entropy; autograd then keeps the float32 logits, their log-softmax and their gradient. For Llama 3's
 128,256-token vocabulary and 4,096 tokens that is about 1 GiB of bf16 logits plus three float32 copies of 2 GiB
 each at the start of the backward pass, where memory peaks.
 
-:func:`linear_cross_entropy` computes the same loss a chunk of tokens at a time and, while a chunk's logits
-exist, their gradient ``(softmax - one_hot) / n`` in float32, cast to the model's dtype as autograd casts it
-through HF's ``.float()``. Backward then runs the LM head's two gradient matrix products over the whole batch, as
-HF's backward does. On CUDA the per-chunk softmax, loss and gradient run as one ``torch.compile``-fused step
-(two passes over the logits instead of eager PyTorch's float32 copy, log-softmax, exp and scaling passes). Memory:
-the batch's logit gradient in the model's dtype plus one chunk's logits, instead of HF's logits, their float32
-copy, log-softmax and gradient.
+:func:`linear_cross_entropy` computes the same loss and, in the forward, the gradient with respect to the logits,
+``(softmax - one_hot) / n`` in float32, cast to the model's dtype as autograd casts it through HF's ``.float()``.
+Backward then runs the LM head's two gradient matrix products over the whole batch, as HF's backward does.
+
+- On CUDA (with Triton) the LM head writes the batch's logits straight into the buffer of their gradient, in the
+  model's dtype, and one Triton kernel (:mod:`te_llama.lm_head_loss_triton`) turns each row into its loss and
+  gradient in place: one read pass and one read-and-write pass over the logits, no chunking and no other logits
+  buffer. Memory: the logit gradient in the model's dtype (HF's bf16 logits, no float32 copy).
+- Elsewhere, and with ``TE_LLAMA_FUSED_LOSS=0``, a chunk of tokens at a time: the chunk's logits go to a buffer
+  and a step computes the chunk's loss and gradient: on CUDA a ``torch.compile``-fused step (two passes; the
+  kernel's predecessor, ``TE_LLAMA_COMPILE_LOSS=0`` keeps it eager), on the CPU in-place eager operations. Memory:
+  the logit gradient plus one chunk's logits and float32 temporaries.
+
+On an H200, shape A's LM head + loss (8,192 tokens, forward and backward) took 39.7-40.0 ms with the kernel
+against 42.2-42.3 with the compiled step, at the same peak memory (``benchmarks/results/lm_head_loss_h200.json``).
 """
 
 from __future__ import annotations
@@ -21,13 +29,17 @@ import os
 
 import torch
 
+from te_llama.backend import triton_installed
+
 logger = logging.getLogger("te_llama")
 
 CHUNK_LOGIT_BYTES = 256 * 2**20
-"""Float32 logits held at once: the chunk size is this divided by 4 x vocabulary size, in tokens."""
+"""Float32 logits held at once by the eager and compiled steps: the chunk size is this divided by 4 x vocabulary
+size, in tokens."""
 
 
 def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk for the eager and compiled steps (te-llama's kernel takes the batch in one chunk)."""
     tokens = CHUNK_LOGIT_BYTES // (4 * vocab_size)
     return max(128, tokens // 128 * 128)
 
@@ -38,41 +50,54 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tens
 
 
 def loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
-                        grad_out: torch.Tensor) -> torch.Tensor:
-    """One chunk: ``sum(row_scale * cross_entropy(logits, targets))``, returned, and its gradient with respect to
-    the logits, ``(softmax - one_hot) * row_scale`` in float32, written into ``grad_out`` (the model's dtype).
+                        grad_out: torch.Tensor, loss_out: torch.Tensor) -> None:
+    """One chunk: each row's ``row_scale * cross_entropy(logits, targets)`` written into ``loss_out`` (float32),
+    and its gradient with respect to the logits, ``(softmax - one_hot) * row_scale`` in float32, written into
+    ``grad_out`` (the model's dtype).
 
     Written as plain tensor expressions so that ``torch.compile`` fuses it into two passes over the logits (the
     row reductions, then the gradient) instead of eager PyTorch's float32 copies of every intermediate.
     """
     x = logits.float()
     log_normalizer = torch.logsumexp(x, dim=-1, keepdim=True)
-    loss = ((log_normalizer[:, 0] - x.gather(1, targets[:, None])[:, 0]) * row_scale).sum()
+    loss_out.copy_((log_normalizer[:, 0] - x.gather(1, targets[:, None])[:, 0]) * row_scale)
     probabilities = torch.exp(x - log_normalizer)
     is_target = torch.arange(x.shape[-1], device=x.device)[None, :] == targets[:, None]
     grad_out.copy_(torch.where(is_target, probabilities - 1.0, probabilities) * row_scale[:, None])
-    return loss
 
 
 def loss_and_logit_grad_eager(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
-                              grad_out: torch.Tensor) -> torch.Tensor:
+                              grad_out: torch.Tensor, loss_out: torch.Tensor) -> None:
     """:func:`loss_and_logit_grad` with in-place eager operations: one float32 temporary per chunk instead of
-    several (used on the CPU and wherever the compiled step is off)."""
+    several (used on the CPU and wherever neither the kernel nor the compiled step runs)."""
     log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-    loss = -(log_probs.gather(1, targets[:, None])[:, 0] * row_scale).sum()
+    torch.mul(log_probs.gather(1, targets[:, None])[:, 0], row_scale, out=loss_out).neg_()
     probabilities = log_probs.exp_()
     probabilities.scatter_add_(1, targets[:, None], probabilities.new_full((targets.shape[0], 1), -1.0))
     torch.mul(probabilities, row_scale[:, None], out=grad_out)
-    return loss
+
+
+def loss_and_logit_grad_kernel(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
+                               grad_out: torch.Tensor, loss_out: torch.Tensor) -> None:
+    """:func:`loss_and_logit_grad` by te-llama's Triton kernel (:mod:`te_llama.lm_head_loss_triton`): one read
+    pass for the row reductions and one read and write pass for the gradient, per row."""
+    from te_llama.lm_head_loss_triton import cross_entropy_rows
+
+    cross_entropy_rows(logits, targets, row_scale, grad_out, loss_out)
 
 
 _compiled_step = None
 
 
 def _chunk_step(device: torch.device):
-    """The compiled chunk step on CUDA (unless ``TE_LLAMA_COMPILE_LOSS=0``), else the eager one."""
+    """The chunk step for ``device``: on CUDA te-llama's kernel (``TE_LLAMA_FUSED_LOSS=0``: the ``torch.compile``d
+    step instead; ``TE_LLAMA_COMPILE_LOSS=0`` as well: the eager step); elsewhere the eager step."""
     global _compiled_step
-    if device.type != "cuda" or os.environ.get("TE_LLAMA_COMPILE_LOSS", "1") == "0":
+    if device.type != "cuda":
+        return loss_and_logit_grad_eager
+    if os.environ.get("TE_LLAMA_FUSED_LOSS", "1") != "0" and triton_installed():
+        return loss_and_logit_grad_kernel
+    if os.environ.get("TE_LLAMA_COMPILE_LOSS", "1") == "0":
         return loss_and_logit_grad_eager
     if _compiled_step is None:
         _compiled_step = torch.compile(loss_and_logit_grad, fullgraph=True)
@@ -89,27 +114,40 @@ def _disable_compiled_step(error: Exception) -> None:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, ignore_index: int, chunk: int):
+    def forward(ctx, hidden, weight, targets, divisor, ignore_index: int, chunk: int | None):
         valid = targets != ignore_index
         safe_targets = targets.masked_fill(~valid, 0)
         row_scale = valid.to(torch.float32) / divisor.to(torch.float32)  # d loss / d row loss
-        grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_step(hidden.device)
+        grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
+        row_losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        if step is loss_and_logit_grad_kernel:
+            # The logits are written where their gradient goes, and the kernel turns them into it in place: no
+            # logits buffer, so the batch needs no chunks (one LM-head product, one launch)
+            chunk = chunk or max(1, hidden.shape[0])
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                torch.matmul(hidden[rows], weight.t(), out=grad_logits[rows])
+                step(grad_logits[rows], safe_targets[rows], row_scale[rows], grad_logits[rows], row_losses[rows])
+            ctx.save_for_backward(grad_logits, hidden, weight)
+            return row_losses.sum()
+        chunk = chunk or chunk_tokens(weight.shape[0])
+        logits = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])  # one chunk's, reused
         for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            logits = hidden[rows] @ weight.t()
-            arguments = (logits, safe_targets[rows], row_scale[rows], grad_logits[rows])
+            end = min(start + chunk, hidden.shape[0])
+            rows = slice(start, end)
+            chunk_logits = torch.matmul(hidden[rows], weight.t(), out=logits[:end - start])
+            arguments = (chunk_logits, safe_targets[rows], row_scale[rows], grad_logits[rows], row_losses[rows])
             try:
-                total += step(*arguments)
+                step(*arguments)
             except Exception as error:  # noqa: BLE001 - inductor raises many types; fall back, loudly
-                if step is loss_and_logit_grad_eager:
+                if step is not _compiled_step:
                     raise
                 _disable_compiled_step(error)
                 step = loss_and_logit_grad_eager
-                total += step(*arguments)
+                step(*arguments)
         ctx.save_for_backward(grad_logits, hidden, weight)
-        return total
+        return row_losses.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -146,5 +184,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         dtype = torch.get_autocast_dtype(device_type)
         flat, weight = flat.to(dtype), weight.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(flat, weight, targets, divisor, ignore_index,
-                                                chunk or chunk_tokens(weight.shape[0]))
+        return _ChunkedLinearCrossEntropy.apply(flat, weight, targets, divisor, ignore_index, chunk)
