@@ -180,20 +180,27 @@ def kernel_case(rows, vocab, block, in_place=False, grad_dtype=torch.bfloat16, m
 def test_loss_kernel_matches_float64_math(tmp_path):
     """The loss kernel under Triton's interpreter against float64 math: vocabularies over several blocks with a
     partial last one, a strided logits view, the gradient written over the logits (as the model runs it), logits
-    large enough to overflow exp without the running maximum, bf16 and float32 gradients."""
+    large enough to overflow exp without the running maximum, bf16 and float32 gradients; a label outside the
+    vocabulary gives a NaN loss."""
     pytest.importorskip("triton")
     import os
     import subprocess
     import sys
 
-    cases = [kernel_case(6, 1000, 256), kernel_case(7, 1000, 256, stride=1100), kernel_case(6, 1000, 256, in_place=True),
-             kernel_case(5, 300, 8192, grad_dtype=torch.float32), kernel_case(4, 777, 128, magnitude=60.0)]
+    cases = [kernel_case(6, 1000, 256), kernel_case(7, 1000, 256, stride=1100),
+             kernel_case(6, 1000, 256, in_place=True), kernel_case(5, 300, 8192, grad_dtype=torch.float32),
+             kernel_case(4, 777, 128, magnitude=60.0)]
+    bad = kernel_case(3, 500, 128)
+    bad["targets"][2] = 500  # outside the vocabulary: a NaN loss, no read past the row
+    cases.append(bad)
     expected = [(case["logits"], case["targets"], case["scale"]) for case in cases]
     path = tmp_path / "cases.pt"
     torch.save(cases, path)
     subprocess.run([sys.executable, "-c", RUN_KERNEL, str(path)], env=dict(os.environ, TRITON_INTERPRET="1"),
                    check=True, timeout=300)
-    for case, (logits, targets, scale) in zip(torch.load(path), expected):
+    results = torch.load(path)
+    assert torch.isnan(results[-1]["loss"][2]) and not torch.isnan(results[-1]["loss"][:2]).any()
+    for case, (logits, targets, scale) in zip(results[:-1], expected[:-1]):
         x = logits.double()
         log_normalizer = torch.logsumexp(x, dim=-1)
         loss = (log_normalizer - x.gather(1, targets[:, None])[:, 0]) * scale.double()
@@ -219,6 +226,14 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     assert "torch.compile failed for the LM-head loss (RuntimeError: inductor exploded)" in caplog.text
     assert module._compiled_step is module.loss_and_logit_grad_eager
     assert abs(actual.item() - hf_loss(hidden, weight, labels).item()) < 1e-6 * actual.item()
+
+
+@pytest.mark.parametrize("label", [300, -1])
+def test_label_outside_the_vocabulary_is_an_error(label):
+    hidden, weight, labels = make_inputs(vocab=300)
+    labels[1, 7] = label
+    with pytest.raises(RuntimeError, match=r"labels must be token ids in \[0, 300\) .* or ignore_index \(-100\)"):
+        linear_cross_entropy(hidden, weight, labels)
 
 
 def test_wrapped_lm_head_takes_hf_path(hf_checkpoint):

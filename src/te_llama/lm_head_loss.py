@@ -117,6 +117,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, divisor, ignore_index: int, chunk: int | None):
         valid = targets != ignore_index
         safe_targets = targets.masked_fill(~valid, 0)
+        # As HF's cross-entropy does on a GPU, fail on a label outside the vocabulary, without waiting for the GPU
+        torch._assert_async(((safe_targets >= 0) & (safe_targets < weight.shape[0])).all(),
+                            f"labels must be token ids in [0, {weight.shape[0]}) (the vocabulary) or "
+                            f"ignore_index ({ignore_index})")
         row_scale = valid.to(torch.float32) / divisor.to(torch.float32)  # d loss / d row loss
         step = _chunk_step(hidden.device)
         grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0])

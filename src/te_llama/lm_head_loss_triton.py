@@ -40,7 +40,8 @@ def _cross_entropy_rows(logits_ptr, grad_ptr, targets_ptr, scale_ptr, loss_ptr, 
         total = total * tl.exp(maximum - new_maximum) + tl.sum(tl.exp(x - new_maximum), axis=0)
         maximum = new_maximum
     log_normalizer = maximum + tl.log(total)
-    target_logit = tl.load(x_row + target).to(tl.float32)
+    inside_vocab = (target >= 0) & (target < vocab)  # never read outside the row: a bad label's loss is NaN
+    target_logit = tl.load(x_row + target, mask=inside_vocab, other=float("nan")).to(tl.float32)
     tl.store(loss_ptr + row, (log_normalizer - target_logit) * scale)
     for start in range(0, vocab, BLOCK):
         columns = start + tl.arange(0, BLOCK)
@@ -56,7 +57,8 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, row_scale: t
     """Write each row's scaled loss into ``loss_out`` (float32, ``[rows]``) and its logit gradient into
     ``grad_out`` (``[rows, vocab]``, any float dtype), which may be ``logits`` itself (each block of a row is read
     before the gradient is written over it). ``logits`` and ``grad_out`` need a contiguous last dim; ``targets``
-    must lie in ``[0, vocab)`` (ignored rows carry any valid index and ``row_scale`` 0)."""
+    must lie in ``[0, vocab)`` (ignored rows carry any valid index and ``row_scale`` 0): a row whose target does
+    not gets a NaN loss, and nothing outside the row is read."""
     rows, vocab = logits.shape
     if rows == 0:
         return
