@@ -125,22 +125,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         step = _chunk_step(hidden.device)
         grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
         row_losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        if step is loss_and_logit_grad_kernel:
-            # The logits are written where their gradient goes, and the kernel turns them into it in place: no
-            # logits buffer, so the batch needs no chunks (one LM-head product, one launch)
-            chunk = chunk or max(1, hidden.shape[0])
-            for start in range(0, hidden.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                torch.matmul(hidden[rows], weight.t(), out=grad_logits[rows])
-                step(grad_logits[rows], safe_targets[rows], row_scale[rows], grad_logits[rows], row_losses[rows])
-            ctx.save_for_backward(grad_logits, hidden, weight)
-            return row_losses.sum()
-        chunk = chunk or chunk_tokens(weight.shape[0])
-        logits = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])  # one chunk's, reused
+        # The kernel turns logits into their gradient in place, so the LM head writes them where the gradient goes:
+        # no logits buffer, and the batch needs no chunks (one LM-head product, one launch). The other steps take a
+        # chunk at a time through one reused buffer.
+        in_place = step is loss_and_logit_grad_kernel
+        chunk = chunk or (max(1, hidden.shape[0]) if in_place else chunk_tokens(weight.shape[0]))
+        logits = None if in_place else hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
         for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
-            rows = slice(start, end)
-            chunk_logits = torch.matmul(hidden[rows], weight.t(), out=logits[:end - start])
+            rows = slice(start, min(start + chunk, hidden.shape[0]))
+            out = grad_logits[rows] if in_place else logits[:rows.stop - start]
+            chunk_logits = torch.matmul(hidden[rows], weight.t(), out=out)
             arguments = (chunk_logits, safe_targets[rows], row_scale[rows], grad_logits[rows], row_losses[rows])
             try:
                 step(*arguments)
