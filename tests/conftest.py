@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random Llama configs and checkpoints written by plain transformers."""
+"""Shared fixtures: tiny random Llama configs and checkpoints written by plain transformers; running a Triton
+kernel under Triton's interpreter."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TE_LLAMA_BACKEND", "reference")  # CPU tests exercise the reference layer
 
@@ -54,3 +57,16 @@ def hf_checkpoint(tmp_path):
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def run_interpreted(script: str, tmp_path, cases: list[dict]) -> list[dict]:
+    """Run ``script`` on ``cases`` under ``TRITON_INTERPRET=1`` in a fresh process and return the cases it saved
+    back: Triton reads the switch when it is imported (its ``tl.max`` and ``tl.sum`` are compiled then), and this
+    process may have imported it. The script loads the cases from ``sys.argv[1]`` and saves them there again;
+    views keep their strides through ``torch.save``."""
+    pytest.importorskip("triton")
+    path = tmp_path / "cases.pt"
+    torch.save(cases, path)
+    subprocess.run([sys.executable, "-c", script, str(path)], env=dict(os.environ, TRITON_INTERPRET="1"), check=True,
+                   timeout=300)
+    return torch.load(path)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from conftest import relative_error, tiny_config
+from conftest import relative_error, run_interpreted, tiny_config
 from te_llama import TELlamaForCausalLM
 from te_llama.lm_head_loss import chunk_tokens, linear_cross_entropy
 
@@ -182,11 +182,6 @@ def test_loss_kernel_matches_float64_math(tmp_path):
     partial last one, a strided logits view, the gradient written over the logits (as the model runs it), logits
     large enough to overflow exp without the running maximum, bf16 and float32 gradients; a label outside the
     vocabulary gives a NaN loss."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
     cases = [kernel_case(6, 1000, 256), kernel_case(7, 1000, 256, stride=1100),
              kernel_case(6, 1000, 256, in_place=True), kernel_case(5, 300, 8192, grad_dtype=torch.float32),
              kernel_case(4, 777, 128, magnitude=60.0)]
@@ -194,11 +189,7 @@ def test_loss_kernel_matches_float64_math(tmp_path):
     bad["targets"][2] = 500  # outside the vocabulary: a NaN loss, no read past the row
     cases.append(bad)
     expected = [(case["logits"], case["targets"], case["scale"]) for case in cases]
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    subprocess.run([sys.executable, "-c", RUN_KERNEL, str(path)], env=dict(os.environ, TRITON_INTERPRET="1"),
-                   check=True, timeout=300)
-    results = torch.load(path)
+    results = run_interpreted(RUN_KERNEL, tmp_path, cases)
     assert torch.isnan(results[-1]["loss"][2]) and not torch.isnan(results[-1]["loss"][:2]).any()
     for case, (logits, targets, scale) in zip(results[:-1], expected[:-1]):
         x = logits.double()

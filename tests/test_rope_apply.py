@@ -5,14 +5,11 @@ is tested on the GPU in ``tests/gpu/test_rope_apply.py``."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_interpreted
 from te_llama import rope
 from te_llama.rope_apply import covered
 
@@ -28,17 +25,6 @@ for case in cases:
     kernel.rope(x, case["angles"], out, backward=case["backward"])
 torch.save(cases, sys.argv[1])
 """
-
-
-def run_interpreted(tmp_path, cases: list[dict]) -> list[dict]:
-    """Run the kernel on each case under ``TRITON_INTERPRET=1`` in a fresh process (Triton reads the switch when
-    it is imported). Views keep their strides through ``torch.save``."""
-    pytest.importorskip("triton")
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    subprocess.run([sys.executable, "-c", RUN_KERNEL, str(path)], env=dict(os.environ, TRITON_INTERPRET="1"),
-                   check=True, timeout=300)
-    return torch.load(path)
 
 
 def angle_table(seq: int, dim: int, theta: float = 500000.0) -> torch.Tensor:
@@ -86,7 +72,7 @@ def test_kernel_matches_float32_math(tmp_path, tensor_format):
     cases = [case(query, angles, tensor_format), case(key, angles, tensor_format),
              case(query, angles, tensor_format, backward=True), case(key, angles, tensor_format, backward=True),
              case(query, angles, tensor_format, wide=True)]
-    results = run_interpreted(tmp_path, cases)
+    results = run_interpreted(RUN_KERNEL, tmp_path, cases)
     for result in results:
         expected = reference(result["x"], angles, result["backward"], tensor_format)
         assert torch.equal(result["out"], expected), (result["backward"], tuple(result["x"].shape))
@@ -98,7 +84,7 @@ def test_bfloat16_output_and_transpose(tmp_path):
     query, _ = projection_views(batch=1, seq=8, heads=4, groups=1, dim=128, tensor_format="bshd", seed=1)
     grad = torch.randn(query.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     angles = angle_table(8, 128, theta=10000.0)
-    forward, backward, rounded = run_interpreted(tmp_path, [
+    forward, backward, rounded = run_interpreted(RUN_KERNEL, tmp_path, [
         case(query, angles, "bshd"), case(grad, angles, "bshd", backward=True),
         case(query, angles, "bshd", out_dtype=torch.bfloat16)])
     torch.testing.assert_close(rounded["out"].float(), forward["out"], rtol=2**-7, atol=0)  # within one bf16 step

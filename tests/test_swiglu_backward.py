@@ -5,13 +5,11 @@ in ``tests/gpu/test_swiglu_backward.py``."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+
+from conftest import run_interpreted
 
 RUN_KERNEL = """
 import sys, torch
@@ -40,17 +38,6 @@ def interpreter_cast(values: torch.Tensor, dtype) -> torch.Tensor:
     target = tl.bfloat16 if dtype is torch.bfloat16 else tl.float8e4nv
     data = _convert_float(values.float().numpy(), tl.float32, target, rounding)
     return torch.from_numpy(data.copy()).view(dtype)
-
-
-def run_interpreted(tmp_path, cases: list[dict]) -> list[dict]:
-    """Run the kernel on each case under ``TRITON_INTERPRET=1`` in a fresh process: Triton reads the switch when
-    it is imported (its ``tl.max`` and ``tl.sum`` are compiled then), and this process may have imported it."""
-    pytest.importorskip("triton")
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    subprocess.run([sys.executable, "-c", RUN_KERNEL, str(path)], env=env, check=True, timeout=300)
-    return torch.load(path)
 
 
 def case(grad, act_in, *, scale: float, amax: float = 0.0, transpose=True, bias_grad=True) -> dict:
@@ -89,7 +76,7 @@ ROWS, INNER = 70, 100  # neither a multiple of the 32 x 128 tiles: every edge is
 def test_backward_kernel_matches_te_math(tmp_path):
     """Indexing, masking, the transpose, the math, amax, scale_inv and the bias gradient, bit for bit."""
     grad, act_in = inputs(ROWS, INNER)
-    results = run_interpreted(tmp_path, [case(grad, act_in, scale=30.0, bias_grad=True),
+    results = run_interpreted(RUN_KERNEL, tmp_path, [case(grad, act_in, scale=30.0, bias_grad=True),
                                          case(grad, act_in, scale=30.0, transpose=False, bias_grad=False),
                                          {**case(grad, act_in, scale=30.0), "wide": True}])
     dact = interpreter_cast(reference(grad, act_in), torch.bfloat16).float()  # as TE's BF16 copy
@@ -108,7 +95,7 @@ def test_backward_kernel_matches_te_math(tmp_path):
 def test_amax_only_grows(tmp_path):
     """Delayed scaling accumulates a step's amax in place: the kernel raises it, never lowers it."""
     grad, act_in = inputs(64, 64, seed=1)
-    results = run_interpreted(tmp_path, [case(grad, act_in, scale=1.0, amax=0.0),
+    results = run_interpreted(RUN_KERNEL, tmp_path, [case(grad, act_in, scale=1.0, amax=0.0),
                                          case(grad, act_in, scale=1.0, amax=1e6)])
     dact = interpreter_cast(reference(grad, act_in), torch.bfloat16).float()
     assert results[0]["amax"].item() == dact.abs().max().item()
