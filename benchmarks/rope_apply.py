@@ -25,6 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb as te_rope
 
+    from te_llama.rope import angle_table
     from te_llama.rope_apply import apply_rope
 
     heads, groups, dim = 32, 8, 128
@@ -32,8 +33,7 @@ def main() -> None:
     for batch, seq in ((1, 4096), (2, 4096), (8, 256)):
         mixed = torch.randn(batch, seq, heads + 2 * groups, dim, device="cuda").to(torch.bfloat16)
         inv_freq = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
-        freqs = torch.arange(seq, device="cuda").float()[:, None] * inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), -1)[:, None, None, :].contiguous()
+        angles = angle_table(torch.arange(seq, device="cuda"), inv_freq)
         views = tuple(view.detach().requires_grad_()
                       for view in (mixed[:, :, :heads], mixed[:, :, heads:heads + groups]))
         grads = [torch.randn(v.shape, device="cuda").to(torch.bfloat16) for v in views]

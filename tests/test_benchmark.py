@@ -260,3 +260,23 @@ def test_median_ms_warms_up_then_takes_the_median(monkeypatch):
     calls = []
     assert benchmark.median_ms(lambda: calls.append(1), repeats=3, warmup=2, device_type="cpu") == 5.0
     assert len(calls) == 5  # two untimed calls, then three timed
+
+
+def test_variant_suffixes_graphs_and_weight_cache():
+    from te_llama.benchmark import is_variant, skip_reason, te_recipe_name
+
+    assert is_variant("te_fp8_delayed_graphs_cached") and is_variant("te_fp8_current_cached")
+    assert is_variant("te_bf16_graphs") and not is_variant("te_bf16_cached")  # no FP8 weights to cache
+    assert not is_variant("te_fp8_delayed_cached_graphs") and not is_variant("hf_bf16_cached")
+    assert te_recipe_name("te_fp8_delayed_graphs_cached") == "delayed" and te_recipe_name("te_bf16_graphs") is None
+    # a cast is reused only between optimizer steps: shapes that step the optimizer every pass skip the variant
+    assert skip_reason("te_fp8_delayed_graphs_cached", "A").startswith("the FP8 weight cache reuses a cast only")
+    assert "shape tiny steps the optimizer" in skip_reason("te_fp8_delayed_cached", "tiny")
+    assert skip_reason("te_fp8_delayed_graphs_cached", "B") == "shape B needs a CUDA GPU (use --shapes tiny on a CPU)"
+
+
+def test_cached_variant_turns_the_weight_cache_on():
+    from te_llama.benchmark import SHAPES, build_model
+
+    assert build_model("te_fp8_delayed_cached", SHAPES["tiny"], torch.device("cpu")).cache_fp8_weights
+    assert not build_model("te_fp8_delayed", SHAPES["tiny"], torch.device("cpu")).cache_fp8_weights

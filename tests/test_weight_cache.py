@@ -87,3 +87,18 @@ def test_graphs_with_an_optimizer_step_after_every_forward_never_keep_a_cast():
         assert cache.is_first_microbatch(RECIPE, always_cache=True) is True
         step(params, optimizer)
     assert cache.reuses == 0 and cache._cached is None
+
+
+def test_keeps_casts_once_a_forward_repeats_the_weights():
+    """What CUDA graphs are recorded for: with TE's weight caching only once a cast would be kept."""
+    params, cache = make()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):  # an optimizer step after every forward: never
+        assert not cache.keeps_casts(RECIPE)
+        cache.is_first_microbatch(RECIPE)
+        step(params, optimizer)
+    cache.is_first_microbatch(RECIPE)
+    assert cache.keeps_casts(RECIPE)  # the next forward sees the weights of the previous one
+    assert cache.is_first_microbatch(RECIPE) is True
+    step(params, optimizer)
+    assert cache.keeps_casts(RECIPE)  # a kept cast is refreshed after an update, not dropped

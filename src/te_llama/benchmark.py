@@ -67,9 +67,13 @@ SHAPES = {
 }
 TE_RECIPES = ("delayed", "current", "block", "mxfp8")
 GRAPHS = "_graphs"  # suffix of te-llama variants that replay the decoder layers as CUDA graphs
+CACHED = "_cached"  # last suffix of te-llama FP8 variants with the opt-in FP8 weight cache (te_llama.weight_cache)
 TE_VARIANTS = ("te_bf16",) + tuple(f"te_fp8_{r}" for r in TE_RECIPES)
-VARIANTS = ("hf_bf16", "hf_compile", "liger", "torchao_fp8") + TE_VARIANTS + ("te_fp8_delayed" + GRAPHS,)
-"""The suite's default variants; any te-llama variant also runs with CUDA graphs (``te_bf16_graphs``, ...)."""
+VARIANTS = (("hf_bf16", "hf_compile", "liger", "torchao_fp8") + TE_VARIANTS
+            + ("te_fp8_delayed" + GRAPHS, "te_fp8_delayed" + GRAPHS + CACHED))
+"""The suite's default variants; any te-llama variant also runs with CUDA graphs (``te_bf16_graphs``, ...), and any
+FP8 one with the weight cache (``te_fp8_current_cached``, ``te_fp8_delayed_graphs_cached``), which serves only
+shapes without an optimizer step (B)."""
 COMPILED = ("hf_compile", "torchao_fp8")  # peers built with torch.compile: 3 more warm-up steps
 BASELINE = "hf_bf16"
 RESULT_PREFIX = "BENCH_RESULT "
@@ -109,15 +113,19 @@ def build_model(variant: str, shape: Shape, device: torch.device):
 
     if variant.startswith("te_"):
         if device.type != "cuda":
-            return TELlamaForCausalLM.from_config(config, dtype=torch.float32, device=device, backend="reference")
-        from te_llama.fp8 import FP8ConfigError
+            model = TELlamaForCausalLM.from_config(config, dtype=torch.float32, device=device, backend="reference")
+        else:
+            from te_llama.fp8 import FP8ConfigError
 
-        try:
-            model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te",
-                                                   fp8=te_recipe_name(variant))
-        except FP8ConfigError as error:
-            raise Skipped(str(error)) from error
-        return model.enable_cuda_graphs() if variant.endswith(GRAPHS) else model
+            try:
+                model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te",
+                                                       fp8=te_recipe_name(variant))
+            except FP8ConfigError as error:
+                raise Skipped(str(error)) from error
+            if variant.removesuffix(CACHED).endswith(GRAPHS):
+                model.enable_cuda_graphs()
+        model.cache_fp8_weights = model.cache_fp8_weights or variant.endswith(CACHED)
+        return model
     from transformers import LlamaForCausalLM
 
     if variant == "liger":
@@ -138,13 +146,19 @@ def build_model(variant: str, shape: Shape, device: torch.device):
     return model
 
 
+def _te_base(variant: str) -> str:
+    """A te-llama variant without its suffixes (``te_fp8_delayed_graphs_cached`` -> ``te_fp8_delayed``)."""
+    return variant.removesuffix(CACHED).removesuffix(GRAPHS)
+
+
 def is_variant(name: str) -> bool:
-    return name in VARIANTS or name.removesuffix(GRAPHS) in TE_VARIANTS
+    return name in VARIANTS or (_te_base(name) in TE_VARIANTS
+                                and (not name.endswith(CACHED) or name.startswith("te_fp8_")))
 
 
 def te_recipe_name(variant: str) -> str | None:
     """The FP8 recipe of a te-llama variant (``te_fp8_delayed_graphs`` -> ``delayed``), ``None`` for BF16."""
-    return variant.removesuffix(GRAPHS).removeprefix("te_fp8_") if variant.startswith("te_fp8_") else None
+    return _te_base(variant).removeprefix("te_fp8_") if variant.startswith("te_fp8_") else None
 
 
 def compile_regions(model) -> None:
@@ -310,6 +324,9 @@ def skip_reason(variant: str, shape: str = "tiny") -> str | None:
     that is not installed, an FP8 recipe this GPU lacks), or ``None``."""
     import importlib.util
 
+    if variant.endswith(CACHED) and SHAPES[shape].optimizer:
+        return (f"the FP8 weight cache reuses a cast only between optimizer steps, and shape {shape} steps the "
+                "optimizer after every pass")
     if not torch.cuda.is_available():
         if shape != "tiny":
             return f"shape {shape} needs a CUDA GPU (use --shapes tiny on a CPU)"
@@ -420,7 +437,8 @@ def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int 
     unknown = [s for s in shape_list if s not in SHAPES] + [v for v in variant_list if not is_variant(v)]
     if unknown:
         raise BenchmarkArgumentError(f"unknown shape or variant: {', '.join(unknown)} (shapes: {', '.join(SHAPES)}; "
-                                     f"variants: {', '.join(VARIANTS)}, or a te_ variant + {GRAPHS})")
+                                     f"variants: {', '.join(VARIANTS)}, or a te_ variant + {GRAPHS}; a te_fp8_ "
+                                     f"variant may end in {CACHED} too)")
     env = environment()
     print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
     print(HEADER)

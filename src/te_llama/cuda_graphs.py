@@ -62,12 +62,15 @@ class _StackCall(torch.nn.Module):
     def __init__(self, layers):
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
+        self.caches_weights = False
+        """Recorded with TE's FP8 weight caching (TE records the cached path whatever ``is_first_microbatch``)."""
 
     def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor,
                 is_first_microbatch: bool | None = None) -> torch.Tensor:
         for layer in self.layers:
             hidden_states = layer.te_forward(hidden_states, rotary_pos_emb, mask=None, mask_type="causal",
-                                             is_first_microbatch=is_first_microbatch)
+                                             is_first_microbatch=is_first_microbatch,
+                                             weights_cached=self.caches_weights)
         return hidden_states
 
 
@@ -194,6 +197,8 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     positions = torch.arange(seq, device=device)[None]
     _, angles = rotary_emb(torch.empty(0, device=device), positions).te_inputs(None, batch)
     calls = split_stack(layers)
+    for call in calls:
+        call.caches_weights = cache_weights and recipe is not None
     samples = tuple((torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True),)
                     for _ in calls)
     angles = angles.clone()  # one input buffer for the RoPE table, read by both graphs

@@ -111,9 +111,10 @@ class _LlamaLayerAdapter:
         check_config(config)
         device = torch.get_default_device()
         if self.backend == "te":
-            from te_llama import rope_apply
+            from te_llama import rope_apply, weight_cache_rowwise
 
             rope_apply.install()  # TE attention's RoPE by te-llama's kernel (idempotent)
+            weight_cache_rowwise.install()  # cached FP8 weights: the row-wise copy alone (idempotent)
             if device.type == "cpu":
                 device = torch.device("cuda")
         super().__init__(**transformer_layer_kwargs(config, layer_idx, device, torch.get_default_dtype()))
@@ -161,8 +162,19 @@ class _LlamaLayerAdapter:
         return self.te_forward(hidden_states, angles, mask.mask, mask.mask_type, kwargs.get("is_first_microbatch"))
 
     def te_forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, mask: torch.Tensor | None,
-                   mask_type: str, is_first_microbatch: bool | None = None) -> torch.Tensor:
-        """TE's ``TransformerLayer.forward`` with the inputs in TE's form (what a CUDA graph records)."""
+                   mask_type: str, is_first_microbatch: bool | None = None,
+                   weights_cached: bool | None = None) -> torch.Tensor:
+        """TE's ``TransformerLayer.forward`` with the inputs in TE's form (what a CUDA graph records).
+
+        ``weights_cached``: the FP8 weights come from TE's cache (:mod:`te_llama.weight_cache`), so the layer's
+        backward makes their transposes and then drops them (:mod:`te_llama.weight_cache_rowwise`). ``None``:
+        whether ``is_first_microbatch`` is given; a CUDA graph recorded with weight caching passes ``True``."""
+        if weights_cached is None:
+            weights_cached = is_first_microbatch is not None
+        if weights_cached and self.backend == "te":
+            from te_llama.weight_cache_rowwise import drop_transposes_after_backward
+
+            hidden_states = drop_transposes_after_backward(self, hidden_states)
         return super().forward(hidden_states, attention_mask=mask, self_attn_mask_type=mask_type,
                                rotary_pos_emb=rotary_pos_emb, is_first_microbatch=is_first_microbatch)
 

@@ -103,8 +103,9 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         """Whether training steps replay the decoder layers as CUDA graphs (:meth:`enable_cuda_graphs`)."""
         self.cache_fp8_weights = os.environ.get("TE_LLAMA_FP8_WEIGHT_CACHE", "0") == "1"
         """``True`` (or ``TE_LLAMA_FP8_WEIGHT_CACHE=1``): FP8 training forwards cast the decoder weights once per
-        weight update and reuse the cast until the weights change (gradient accumulation; see
-        :mod:`te_llama.weight_cache`, which also says what it costs). Off by default: a cast every forward."""
+        weight update and reuse the cast until the weights change (gradient accumulation, passes without optimizer
+        steps; see :mod:`te_llama.weight_cache`, which also says why it is off by default). Off: a cast every
+        forward."""
         self._fp8_weight_cache: FP8WeightCache | None = None
         self.chunked_lm_head_loss = True
         """Training forwards with labels compute LM head + loss in chunks and return no logits (see
@@ -213,18 +214,24 @@ class TELlamaForCausalLM(LlamaForCausalLM):
                 "DataCollatorForLanguageModeling(..., pad_to_multiple_of=16)) or use fixed-length blocks."
             )
         training = self.training and torch.is_grad_enabled()
+        caches = fp8 and training and self.cache_fp8_weights
         graph = None
         if self.cuda_graphs and training:
             if any(layer.gradient_checkpointing for layer in self.model.layers):  # HF's property walks all modules
                 raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
+            # Graphs record TE's weight caching once the cache keeps casts (weights seen unchanged between two
+            # forwards): a graph recorded with caching casts the row-wise copy and transposes it in the backward
+            # even where every forward follows an optimizer step, a byte more per weight than TE's plain cast.
             record_layer_graphs_once(self.model, tokens.shape, kwargs.get("attention_mask"),
-                                     self._fp8_recipe if fp8 else None, cache_weights=self.cache_fp8_weights)
+                                     self._fp8_recipe if fp8 else None,
+                                     cache_weights=caches and self._weight_cache().keeps_casts(self._fp8_recipe))
             graph = self.model.layers[0].cuda_graph
         if graph is not None:  # the graph computes all layers at the first: no per-layer outputs to report
             graph.armed = not any(kwargs.get(key, getattr(self.config, key, False))
                                   for key in ("output_hidden_states", "output_attentions"))
-        if fp8 and training and self.cache_fp8_weights and "is_first_microbatch" not in kwargs:
-            kwargs["is_first_microbatch"] = self._weight_cast_flag(graph)
+        if caches and "is_first_microbatch" not in kwargs:
+            kwargs["is_first_microbatch"] = self._weight_cache().is_first_microbatch(
+                self._fp8_recipe, always_cache=graph is not None and graph.caches_weights)
         try:
             if not fp8:
                 return run(*args, **kwargs)
@@ -239,12 +246,11 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             if graph is not None:
                 graph.armed = False
 
-    def _weight_cast_flag(self, graph) -> bool | None:
-        """TE's ``is_first_microbatch`` for this training forward (:mod:`te_llama.weight_cache`)."""
+    def _weight_cache(self) -> FP8WeightCache:
+        """When training forwards cast the FP8 weights and when they reuse the cast (:mod:`te_llama.weight_cache`)."""
         if self._fp8_weight_cache is None:
             self._fp8_weight_cache = FP8WeightCache(self.model.layers.parameters())
-        return self._fp8_weight_cache.is_first_microbatch(
-            self._fp8_recipe, always_cache=graph is not None and graph.caches_weights)
+        return self._fp8_weight_cache
 
     def fp8_weights_changed(self) -> TELlamaForCausalLM:
         """Cast the FP8 weights afresh at the next forward. Needed only after changing weights in ways neither an

@@ -15,12 +15,11 @@ function for everything else. ``TE_LLAMA_FUSED_ROPE=0`` keeps TE's kernels (for 
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
-logger = logging.getLogger("te_llama")
+from te_llama import te_functions
 
 ENV_SWITCH = "TE_LLAMA_FUSED_ROPE"
 
@@ -75,19 +74,8 @@ def apply_rope(t: torch.Tensor, freqs: torch.Tensor, tensor_format: str = "bshd"
     return _RoPE.apply(t, freqs, tensor_format)
 
 
-def install() -> bool:
-    """Route TE attention's RoPE through the kernel (idempotent; ``TE_LLAMA_FUSED_ROPE`` is read at each call).
-    Returns whether it is in place: ``False`` when this TE version has no module-level ``apply_rotary_pos_emb`` in
-    its attention module."""
-    from transformer_engine.pytorch.attention import multi_head_attention
-
-    original = getattr(multi_head_attention, "apply_rotary_pos_emb", None)
-    if original is None:
-        logger.warning("transformer_engine.pytorch.attention.multi_head_attention has no apply_rotary_pos_emb in "
-                       "this TE version: RoPE stays TE's kernels")
-        return False
-    if getattr(original, "te_llama_rope", False):
-        return True
+def _route_covered_calls(original):
+    """TE's ``apply_rotary_pos_emb`` with the calls the kernel covers sent to :func:`apply_rope`."""
 
     def apply_rotary_pos_emb(t, freqs, tensor_format="sbhd", start_positions=None, interleaved=False, fused=False,
                              cu_seqlens=None, cp_size=1, cp_rank=0):
@@ -98,7 +86,14 @@ def install() -> bool:
                         interleaved=interleaved, fused=fused, cu_seqlens=cu_seqlens, cp_size=cp_size,
                         cp_rank=cp_rank)
 
-    apply_rotary_pos_emb.te_llama_rope = True
-    apply_rotary_pos_emb.original = original
-    multi_head_attention.apply_rotary_pos_emb = apply_rotary_pos_emb
-    return True
+    return apply_rotary_pos_emb
+
+
+def install() -> bool:
+    """Route TE attention's RoPE through the kernel (idempotent; ``TE_LLAMA_FUSED_ROPE`` is read at each call).
+    Returns whether it is in place: ``False`` when this TE version has no module-level ``apply_rotary_pos_emb`` in
+    its attention module."""
+    from transformer_engine.pytorch.attention import multi_head_attention
+
+    return te_functions.replace(multi_head_attention, "apply_rotary_pos_emb", _route_covered_calls, "te_llama_rope",
+                                "RoPE stays TE's kernels")

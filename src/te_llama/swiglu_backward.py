@@ -18,13 +18,12 @@ off (for side-by-side measurements).
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import torch
 
-logger = logging.getLogger("te_llama")
+from te_llama import te_functions
 
 ENV_SWITCH = "TE_LLAMA_FUSED_SWIGLU"
 
@@ -66,20 +65,8 @@ def dswiglu_quantize(grad: torch.Tensor, act_in: torch.Tensor, quantizer, **act_
     return (dbias.to(grad.dtype) if dbias is not None else None), out
 
 
-def install() -> bool:
-    """Give TE's ``LayerNormMLP`` the fused SwiGLU backward for delayed scaling (idempotent). Returns whether it
-    is in place: ``False`` when switched off or when this TE version has no ``_act_func`` to extend."""
-    if not enabled():
-        return False
-    from transformer_engine.pytorch.module import layernorm_mlp
-
-    original = getattr(layernorm_mlp, "_act_func", None)
-    if original is None:
-        logger.warning("transformer_engine.pytorch.module.layernorm_mlp has no _act_func in this TE version: "
-                       "SwiGLU's backward stays TE's two kernels")
-        return False
-    if getattr(original, "te_llama_fused_swiglu", False):
-        return True
+def _with_fused_swiglu_backward(original):
+    """TE's ``_act_func`` with :func:`dswiglu_quantize` as SwiGLU's fused backward under delayed scaling."""
 
     def act_func(activation: str, recipe=None):
         funcs = original(activation, recipe)
@@ -87,7 +74,15 @@ def install() -> bool:
             return funcs[0], funcs[1], dswiglu_quantize
         return funcs
 
-    act_func.te_llama_fused_swiglu = True
-    act_func.original = original
-    layernorm_mlp._act_func = act_func
-    return True
+    return act_func
+
+
+def install() -> bool:
+    """Give TE's ``LayerNormMLP`` the fused SwiGLU backward for delayed scaling (idempotent). Returns whether it
+    is in place: ``False`` when switched off or when this TE version has no ``_act_func`` to extend."""
+    if not enabled():
+        return False
+    from transformer_engine.pytorch.module import layernorm_mlp
+
+    return te_functions.replace(layernorm_mlp, "_act_func", _with_fused_swiglu_backward, "te_llama_fused_swiglu",
+                                "SwiGLU's backward stays TE's two kernels")

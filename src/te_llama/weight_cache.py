@@ -19,13 +19,23 @@ never stale:
   forward therefore never keeps a cached copy. The first cast of a run is never kept: delayed scaling casts it
   with scale 1, before any amax was recorded.
 
-Off by default (``model.cache_fp8_weights = True`` or ``TE_LLAMA_FP8_WEIGHT_CACHE=1`` turns it on): measured on
-an H100 with Llama-3-8B at 4,096 tokens, forward + backward passes without optimizer steps took about 3 % less
-time, but the cached copies (about 13 GiB for 8B parameters, row- and column-wise FP8) fragment the allocator: the
-peak reserved memory rose from 46.7 to 50.2 GiB at the same peak allocated (see ``benchmarks/NOTES.md``). An
-allocator trace on an H200 points at the cause: without the cache the backward makes no new memory segment, as
-the parameter gradients (kept until the step ends) fit where each layer's per-step FP8 copies were; with the cache
-every layer's backward makes new segments for its short-lived tensors.
+Only the row-wise FP8 copy is cached; each layer's backward makes the transpose from it and drops it
+(:mod:`te_llama.weight_cache_rowwise`). CUDA graphs are recorded with TE's weight caching once a forward has found
+the weights unchanged since the previous one (:meth:`FP8WeightCache.keeps_casts`; the graphs are recorded again
+then), so runs that step their optimizer after every forward cast as without this module.
+
+Measured on an H200 with Llama-3-8B at 4,096 tokens, forward + backward passes without optimizer steps in CUDA
+graphs (``benchmarks/NOTES.md``, fourteenth session): 227.3-228.4 ms a pass against 230.5-230.9 without the cache.
+A cached pass holds 37.8 / 43.9 GiB allocated / reserved against 43.8 / 46.4: the forward keeps the 6.5 GiB
+row-wise copy instead of saving both copies (13 GiB) of each weight for the backward. The run's peak is its
+first, uncached pass (43.8 / 46.4). Caching both copies, as TE does by itself, took 224.6 ms but reserved 49.9 GiB,
+more than HF's BF16 step (46.8): with both copies kept, the parameter gradients no longer fit where each layer's
+per-step copies were, and the backward made new memory segments.
+
+Off by default (``model.cache_fp8_weights = True`` or ``TE_LLAMA_FP8_WEIGHT_CACHE=1`` turns it on), for two
+reasons: a loop that changes the weights where neither an optimizer step nor a version counter sees it (below)
+would train on a stale cast without any error, and with gradient accumulation the cached copy stays allocated
+through the optimizer step (6.5 GiB for 8B parameters), where TE's per-step copies are freed by then.
 
 Changes that neither an optimizer step nor a version counter sees, such as writes through ``param.data`` or raw
 pointers outside an optimizer, need :meth:`FP8WeightCache.weights_changed`
@@ -72,6 +82,11 @@ class FP8WeightCache:
         # state keeps it alive and a new recipe cannot take over its id.
         return (optimizer_steps(), sum(p._version for p in self.params), sum(p.data_ptr() for p in self.params),
                 id(recipe), recipe)
+
+    def keeps_casts(self, recipe) -> bool:
+        """Whether the next training forward under ``recipe`` keeps or reuses a cached cast (``is_first_microbatch``
+        would not be ``None``): some forward found the weights unchanged since the one before it."""
+        return self._cached is not None or self._state(recipe) == self._previous
 
     def is_first_microbatch(self, recipe, always_cache: bool = False) -> bool | None:
         """TE's argument for the next training forward under ``recipe``. ``always_cache``: never ``None`` (a CUDA

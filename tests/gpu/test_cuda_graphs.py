@@ -2,47 +2,13 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig
-
-from te_llama import TELlamaForCausalLM
+from small_llama import batch, model, rel, train
 
 pytestmark = pytest.mark.gpu
-
-CONFIG = dict(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
-              num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-
-
-def model(fp8=None, graphs=False):
-    torch.manual_seed(0)
-    built = TELlamaForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=torch.bfloat16, device="cuda",
-                                           backend="te", fp8=fp8).train()
-    return built.enable_cuda_graphs() if graphs else built
-
-
-def batch(seed, size=4, seq=256):
-    return torch.randint(0, 1024, (size, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-
-
-def train(m, steps, micro_batches=1, **forward):
-    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    losses = []
-    for step in range(steps):
-        for micro in range(micro_batches):
-            x = batch(100 * step + micro)
-            loss = m(input_ids=x, labels=x, **forward).loss
-            (loss / micro_batches).backward()
-            losses.append(loss.item())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return losses
 
 
 def replays(m):
     return [layer.cuda_graph.replays_done if layer.cuda_graph is not None else 0 for layer in m.model.layers]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("fp8", [None, "delayed", "current"])

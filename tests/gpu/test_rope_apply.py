@@ -5,18 +5,13 @@ import pytest
 import torch
 from transformer_engine.pytorch.attention import multi_head_attention
 from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb as te_rope
-from transformers import LlamaConfig
+from small_llama import batch, model, passes, worst_rel
 
-from te_llama import TELlamaForCausalLM, rope_apply
+from te_llama import rope_apply
 from te_llama import rope_apply_triton as kernel
+from te_llama.rope import angle_table
 
 pytestmark = pytest.mark.gpu
-
-
-def angle_table(seq: int, dim: int, theta: float = 500000.0) -> torch.Tensor:
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cuda") / dim)
-    freqs = torch.arange(seq, dtype=torch.float32, device="cuda")[:, None] * inv_freq[None, :]
-    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :].contiguous()
 
 
 def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -31,7 +26,8 @@ def test_same_as_te_fused_rope(tensor_format, batch, seq, heads, groups, dim, re
     generator = torch.Generator("cuda").manual_seed(0)
     lead = (batch, seq) if tensor_format == "bshd" else (seq, batch)
     mixed = torch.randn(*lead, heads + 2 * groups, dim, device="cuda", generator=generator).to(torch.bfloat16)
-    angles = angle_table(seq, dim)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
+    angles = angle_table(torch.arange(seq, device="cuda"), inv_freq)
     for name, view in (("query", mixed[:, :, :heads]), ("key", mixed[:, :, heads:heads + groups])):
         ours_in = view.detach().requires_grad_()
         te_in = view.detach().requires_grad_()
@@ -52,22 +48,7 @@ def test_same_as_te_fused_rope(tensor_format, batch, seq, heads, groups, dim, re
 
 def _train(monkeypatch, plug: bool, fp8: str | None, graphs: bool, steps: int = 4):
     monkeypatch.setenv(rope_apply.ENV_SWITCH, "1" if plug else "0")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
-    model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device="cuda", backend="te", fp8=fp8)
-    model.train()
-    if graphs:
-        model.enable_cuda_graphs()
-    ids = torch.randint(0, 1024, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.item())
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-    return losses, grads
+    return passes(model(fp8, graphs), steps, batch(1, size=2))
 
 
 @pytest.mark.parametrize("fp8,graphs", [(None, False), ("delayed", False), ("delayed", True)])
@@ -85,8 +66,7 @@ def test_training_equal_to_te_rope(monkeypatch, fp8, graphs, record):
     assert getattr(multi_head_attention.apply_rotary_pos_emb, "te_llama_rope", False)  # installed with the layers
     losses, grads = _train(monkeypatch, plug=True, fp8=fp8, graphs=graphs)
     assert False in calls and True in calls  # forward and backward ran the kernel
-    worst = max((((g.float() - grads_te[n].float()).norm() / grads_te[n].float().norm().clamp_min(1e-30)).item(), n)
-                for n, g in grads.items())
+    worst = worst_rel(grads, grads_te)
     record(test="rope_training", fp8=fp8, graphs=graphs, losses_te=losses_te, losses_ours=losses,
            kernel_calls=len(calls), worst_grad_rel_diff=worst[0], worst_param=worst[1])
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_te), rtol=2e-3, atol=0)

@@ -4,10 +4,10 @@ FP8 bytes, amax, scale_inv and bias gradient, and the same gradients when a mode
 import pytest
 import torch
 import transformer_engine_torch as tex
+from small_llama import batch, model, passes, worst_rel
 from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
-from transformers import LlamaConfig
 
-from te_llama import TELlamaForCausalLM, swiglu_backward
+from te_llama import swiglu_backward
 from te_llama import swiglu_backward_triton as kernel
 
 pytestmark = pytest.mark.gpu
@@ -67,23 +67,8 @@ def test_same_fp8_bytes_as_te(fp8, scale, rows, inner, record):
 
 def _train(monkeypatch, fused: bool, bias: bool, graphs: bool, steps: int = 4):
     monkeypatch.setenv(swiglu_backward.ENV_SWITCH, "1" if fused else "0")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                         attention_bias=bias, mlp_bias=bias)
-    model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device="cuda", backend="te", fp8="delayed")
-    model.train()
-    if graphs:
-        model.enable_cuda_graphs()  # the backward is recorded with the fused kernel in it, then replayed
-    ids = torch.randint(0, 1024, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.item())
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-    return losses, grads
+    m = model("delayed", graphs, attention_bias=bias, mlp_bias=bias)  # with graphs the backward records the kernel
+    return passes(m, steps, batch(1, size=2))
 
 
 @pytest.mark.parametrize("bias,graphs", [(False, False), (True, False), (False, True)])
@@ -100,8 +85,7 @@ def test_training_gradients_equal_te_path(monkeypatch, bias, graphs, record):
     assert not calls
     losses, grads = _train(monkeypatch, fused=True, bias=bias, graphs=graphs)
     assert calls and all(call == bias for call in calls)  # the bias gradient only where there is a bias
-    worst = max((((g.float() - grads_te[n].float()).norm() / grads_te[n].float().norm().clamp_min(1e-30)).item(), n)
-                for n, g in grads.items())
+    worst = worst_rel(grads, grads_te)
     record(test="swiglu_training", bias=bias, graphs=graphs, losses_te=losses_te, losses_fused=losses,
            kernel_calls=len(calls), worst_grad_rel_diff=worst[0], worst_param=worst[1],
            identical=losses == losses_te and worst[0] == 0.0)

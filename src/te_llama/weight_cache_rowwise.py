@@ -1,0 +1,115 @@
+"""The cached FP8 weights keep only their row-wise copy; each layer's backward makes the transpose and drops it.
+
+On Hopper an FP8 GEMM reads both operands along their inner dimension, so Transformer Engine makes two FP8 copies
+of each weight: the row-wise one for the forward and its transpose for the backward's input gradient (the
+"column-wise" copy). With TE's weight caching (``is_first_microbatch``, chosen by :mod:`te_llama.weight_cache`)
+both copies stay cached from one forward to the next: 13 GiB for Llama-3-8B's 7B decoder parameters, held
+through the whole step on top of what the step needs anyway (see ``benchmarks/NOTES.md`` for what that did to
+the allocator).
+
+Here only the row-wise copy is cached (6.5 GiB for 7B parameters):
+
+- forward: just before TE's ``quantize_weight`` looks up or refreshes a cached weight, the weight's quantizer is
+  told that no column-wise copy is wanted (``set_usage(columnwise=False)``), so a refresh casts the row-wise copy
+  alone and a reuse finds the cache valid without a transpose;
+- backward: TE asks each weight for its column-wise copy (``update_usage(columnwise_usage=True)``) and, as it is
+  missing, transposes the row-wise FP8 bytes (``tex.fp8_transpose``): the bytes the cast would have written,
+  so the results are the same as with TE's own two-copy cache, bit for bit;
+- after each decoder layer's backward, :func:`drop_transposes_after_backward` drops the layer's transposes
+  again, so one layer's transposes are alive at a time.
+
+Traffic per weight byte and pass without weight updates: one FP8 byte read and one written for the transpose,
+instead of none (both copies cached) or a bf16 read and two FP8 writes (a cast every pass); a pass that refreshes
+the cache casts the row-wise copy and transposes it later (one byte more than TE's cast of both at once).
+
+Only per-tensor FP8 weights (delayed and current scaling) on GPUs without FP8 GEMMs in other layouts (Hopper)
+have a separate transpose; the block-scaled recipes and other GPUs keep TE's own caching.
+``TE_LLAMA_ROWWISE_WEIGHT_CACHE=0`` caches both copies as TE does (for side-by-side measurements).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from te_llama import te_functions
+
+ENV_SWITCH = "TE_LLAMA_ROWWISE_WEIGHT_CACHE"
+
+_TE_MODULES = ("linear", "layernorm_linear", "layernorm_mlp")
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def _has_separate_transpose(quantizer) -> bool:
+    from transformer_engine.pytorch.tensor.float8_tensor import Float8CurrentScalingQuantizer, Float8Quantizer
+    from transformer_engine.pytorch.utils import is_non_tn_fp8_gemm_supported
+
+    return isinstance(quantizer, (Float8Quantizer, Float8CurrentScalingQuantizer)) and not is_non_tn_fp8_gemm_supported()
+
+
+def _rowwise_when_cached(original):
+    """TE's ``quantize_weight`` that asks for the row-wise copy alone when the weight is cached."""
+    from transformer_engine.pytorch.quantized_tensor import QuantizedTensor
+
+    def quantize_weight(*args, **kwargs):
+        quantizer = kwargs.get("quantizer")
+        cached = kwargs.get("workspace") is not None or kwargs.get("cache", False)
+        if (cached and enabled() and not args and quantizer is not None
+                and not isinstance(kwargs.get("tensor"), QuantizedTensor) and _has_separate_transpose(quantizer)):
+            quantizer.set_usage(columnwise=False)
+        return original(*args, **kwargs)
+
+    return quantize_weight
+
+
+def install() -> bool:
+    """Make TE's linear modules cache the row-wise FP8 copy alone (idempotent). Returns whether it is in place in
+    all three (``Linear``, ``LayerNormLinear``, ``LayerNormMLP``)."""
+    import importlib
+
+    placed = [te_functions.replace(importlib.import_module(f"transformer_engine.pytorch.module.{name}"),
+                                   "quantize_weight", _rowwise_when_cached, "te_llama_rowwise_cache",
+                                   "cached FP8 weights keep both copies")
+              for name in _TE_MODULES]
+    return all(placed)
+
+
+def drop_transposes(layer: torch.nn.Module) -> int:
+    """Drop the column-wise copies of ``layer``'s cached FP8 weights; returns how many were dropped."""
+    from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Float8TensorStorage
+
+    dropped = 0
+    for module in layer.modules():
+        for workspace in getattr(module, "_fp8_workspaces", {}).values():
+            if isinstance(workspace, Float8TensorStorage) and workspace._transpose is not None:
+                workspace.update_usage(columnwise_usage=False)
+                dropped += 1
+    return dropped
+
+
+class _DropTransposesAfterBackward(torch.autograd.Function):
+    """Identity on a layer's input; its backward, which runs once the whole layer's backward is done, drops the
+    layer's transposes."""
+
+    @staticmethod
+    def forward(ctx, hidden_states: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        return hidden_states.view_as(hidden_states)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if enabled():
+            drop_transposes(ctx.layer)
+        return grad, None
+
+
+def drop_transposes_after_backward(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``hidden_states`` (the layer's input), marked so that the layer's transposes are dropped after its
+    backward; unchanged where no gradient flows."""
+    if not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        return hidden_states
+    return _DropTransposesAfterBackward.apply(hidden_states, layer)
