@@ -187,7 +187,8 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
                         recipe, cache_weights: bool = False) -> StackGraph:
     """Record the forward and backward graphs of ``layers`` (all of a model's decoder layers, in order) for
     ``[batch, seq]`` token batches; ``recipe`` is the TE FP8 recipe the model trains with (``None``: BF16);
-    ``cache_weights``: replays may reuse the previous FP8 weight cast (:mod:`te_llama.weight_cache`)."""
+    ``cache_weights``: replays may reuse the previous FP8 weight cast (:mod:`te_llama.weight_cache`; only with a
+    recipe, as :func:`record_layer_graphs_once` passes it)."""
     import transformer_engine.pytorch as te
 
     layers = list(layers)
@@ -198,7 +199,7 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     _, angles = rotary_emb(torch.empty(0, device=device), positions).te_inputs(None, batch)
     calls = split_stack(layers)
     for call in calls:
-        call.caches_weights = cache_weights and recipe is not None
+        call.caches_weights = cache_weights
     samples = tuple((torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True),)
                     for _ in calls)
     angles = angles.clone()  # one input buffer for the RoPE table, read by both graphs

@@ -44,24 +44,22 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
-def _has_separate_transpose(quantizer) -> bool:
+def _rowwise_when_cached(original):
+    """TE's ``quantize_weight`` (keyword arguments only, as TE's) that asks for the row-wise copy alone when the
+    weight is cached."""
+    from transformer_engine.pytorch.quantized_tensor import QuantizedTensor
     from transformer_engine.pytorch.tensor.float8_tensor import Float8CurrentScalingQuantizer, Float8Quantizer
     from transformer_engine.pytorch.utils import is_non_tn_fp8_gemm_supported
 
-    return isinstance(quantizer, (Float8Quantizer, Float8CurrentScalingQuantizer)) and not is_non_tn_fp8_gemm_supported()
+    per_tensor = (Float8Quantizer, Float8CurrentScalingQuantizer)  # the quantizers whose tensors keep a transpose
 
-
-def _rowwise_when_cached(original):
-    """TE's ``quantize_weight`` that asks for the row-wise copy alone when the weight is cached."""
-    from transformer_engine.pytorch.quantized_tensor import QuantizedTensor
-
-    def quantize_weight(*args, **kwargs):
+    def quantize_weight(**kwargs):
         quantizer = kwargs.get("quantizer")
         cached = kwargs.get("workspace") is not None or kwargs.get("cache", False)
-        if (cached and enabled() and not args and quantizer is not None
-                and not isinstance(kwargs.get("tensor"), QuantizedTensor) and _has_separate_transpose(quantizer)):
+        if (cached and enabled() and isinstance(quantizer, per_tensor)
+                and not isinstance(kwargs.get("tensor"), QuantizedTensor) and not is_non_tn_fp8_gemm_supported()):
             quantizer.set_usage(columnwise=False)
-        return original(*args, **kwargs)
+        return original(**kwargs)
 
     return quantize_weight
 
@@ -78,16 +76,21 @@ def install() -> bool:
     return all(placed)
 
 
-def drop_transposes(layer: torch.nn.Module) -> int:
-    """Drop the column-wise copies of ``layer``'s cached FP8 weights; returns how many were dropped."""
+def cached_weights(module: torch.nn.Module) -> list:
+    """The per-tensor FP8 weights TE has cached in ``module`` and its submodules (``Float8TensorStorage``s)."""
     from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Float8TensorStorage
 
+    return [workspace for child in module.modules() for workspace in getattr(child, "_fp8_workspaces", {}).values()
+            if isinstance(workspace, Float8TensorStorage)]
+
+
+def drop_transposes(layer: torch.nn.Module) -> int:
+    """Drop the column-wise copies of ``layer``'s cached FP8 weights; returns how many were dropped."""
     dropped = 0
-    for module in layer.modules():
-        for workspace in getattr(module, "_fp8_workspaces", {}).values():
-            if isinstance(workspace, Float8TensorStorage) and workspace._transpose is not None:
-                workspace.update_usage(columnwise_usage=False)
-                dropped += 1
+    for workspace in cached_weights(layer):
+        if workspace._transpose is not None:
+            workspace.update_usage(columnwise_usage=False)
+            dropped += 1
     return dropped
 
 

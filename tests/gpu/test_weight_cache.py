@@ -7,7 +7,6 @@ import torch
 from small_llama import batch, rel, train
 from small_llama import model as uncached_model
 from small_llama import passes as forward_backward
-from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Float8TensorStorage
 
 from te_llama import weight_cache_rowwise
 
@@ -121,8 +120,7 @@ def test_a_failed_forward_casts_again_at_the_next(record):
 
 def cached_copies(m) -> list[tuple[bool, bool]]:
     """(row-wise copy, transpose) present, for each cached FP8 weight of the model."""
-    return [(ws._data is not None, ws._transpose is not None) for module in m.modules()
-            for ws in getattr(module, "_fp8_workspaces", {}).values() if isinstance(ws, Float8TensorStorage)]
+    return [(ws._data is not None, ws._transpose is not None) for ws in weight_cache_rowwise.cached_weights(m)]
 
 
 @pytest.mark.parametrize("graphs", [False, True])
@@ -162,8 +160,7 @@ def test_rowwise_cache_holds_less_memory(monkeypatch, record):
         m = model("delayed")
         forward_backward(m, 3)
         torch.cuda.synchronize()
-        held[rowwise] = sum(t.numel() for module in m.modules()
-                            for ws in getattr(module, "_fp8_workspaces", {}).values()
+        held[rowwise] = sum(t.numel() for ws in weight_cache_rowwise.cached_weights(m)
                             for t in (ws._data, ws._transpose) if t is not None)
         del m
     record(test="weight_cache_rowwise_bytes", two_copies=held[False], rowwise=held[True])
