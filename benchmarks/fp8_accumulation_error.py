@@ -58,17 +58,23 @@ def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def measure(name: str, tokens: int, kind: str, seed: int) -> dict:
-    rows, cols, inner = GEMMS[name](tokens)
-    generator = torch.Generator("cuda").manual_seed(seed)
-    a = operand(rows, inner, kind, generator)  # the gradient: dgrad's dY, wgrad's dY^T
-    b = operand(cols, inner, kind, generator)  # dgrad: W^T; wgrad: X^T (column-major for cuBLAS)
+def dequantized_product(a8, a_inv, b8, b_inv) -> torch.Tensor:
+    """The float64 product ``a @ b.t()`` of the dequantized FP8 operands: what an exact accumulator would give."""
+    return (a8.double() * a_inv.double()) @ (b8.double() * b_inv.double()).t()
+
+
+def quantize_pair(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """``a`` (the gradient) in E5M2 and ``b`` in E4M3, each with its dequantizing scale, their
+    :func:`dequantized_product` and the quantization's error: that product against the originals' float64 one."""
     a8, a_inv = quantize(a, torch.float8_e5m2)
     b8, b_inv = quantize(b, torch.float8_e4m3fn)
-    exact = a.double() @ b.double().t()
-    dequantized = (a8.double() * a_inv.double()) @ (b8.double() * b_inv.double()).t()
-    row = {"gemm": name, "tokens": tokens, "operands": kind, "m": rows, "n": cols, "k": inner,
-           "fp8_quantization_rel_error": rel(dequantized, exact)}
+    dequantized = dequantized_product(a8, a_inv, b8, b_inv)
+    return a8, a_inv, b8, b_inv, dequantized, rel(dequantized, a.double() @ b.double().t())
+
+
+def accumulation_errors(a8, a_inv, b8, b_inv, dequantized: torch.Tensor, quantization_error: float) -> dict:
+    """cuBLAS's FP8 product with split and with fast accumulation (float32 output) against ``dequantized``."""
+    row = {"fp8_quantization_rel_error": quantization_error}
     for mode, fast in (("split", False), ("fast", True)):
         out = torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=torch.float32,
                                use_fast_accum=fast)
@@ -76,8 +82,19 @@ def measure(name: str, tokens: int, kind: str, seed: int) -> dict:
         row[f"{mode}_max_abs_error_over_rms"] = ((out.double() - dequantized).abs().amax()
                                                  / dequantized.pow(2).mean().sqrt()).item()
         del out
-    row["fast_over_quantization"] = row["fast_accumulation_rel_error"] / row["fp8_quantization_rel_error"]
-    del a, b, a8, b8, exact, dequantized
+    row["fast_over_quantization"] = row["fast_accumulation_rel_error"] / quantization_error
+    return row
+
+
+def measure(name: str, tokens: int, kind: str, seed: int) -> dict:
+    rows, cols, inner = GEMMS[name](tokens)
+    generator = torch.Generator("cuda").manual_seed(seed)
+    a = operand(rows, inner, kind, generator)  # the gradient: dgrad's dY, wgrad's dY^T
+    b = operand(cols, inner, kind, generator)  # dgrad: W^T; wgrad: X^T (column-major for cuBLAS)
+    a8, a_inv, b8, b_inv, dequantized, quantization_error = quantize_pair(a, b)
+    row = {"gemm": name, "tokens": tokens, "operands": kind, "m": rows, "n": cols, "k": inner,
+           **accumulation_errors(a8, a_inv, b8, b_inv, dequantized, quantization_error)}
+    del a, b, a8, b8, dequantized
     torch.cuda.empty_cache()
     return row
 
@@ -113,7 +130,8 @@ def capture(path: str, layer: int, batch: int, seq: int) -> None:
     fused = {  # TE's layout: one QKV and one gate-then-up projection
         "qkv": (inputs["q"], torch.cat([grads[n] for n in "qkv"], 1), torch.cat([weight[n] for n in "qkv"], 0)),
         "proj": (inputs["proj"], grads["proj"], weight["proj"]),
-        "fc1": (inputs["gate"], torch.cat([grads["gate"], grads["up"]], 1), torch.cat([weight["gate"], weight["up"]], 0)),
+        "fc1": (inputs["gate"], torch.cat([grads["gate"], grads["up"]], 1),
+                torch.cat([weight["gate"], weight["up"]], 0)),
         "fc2": (inputs["fc2"], grads["fc2"], weight["fc2"]),
     }
     gemms = []
@@ -121,14 +139,11 @@ def capture(path: str, layer: int, batch: int, seq: int) -> None:
         x, dy, w = (t.to(torch.bfloat16) for t in (x, dy, w))
         # dgrad: dX = dY W (k = outputs); wgrad: dW = dY^T X (k = tokens). ``b`` is stored as (n, k).
         for kind, a, b in (("dgrad", dy, w.t().contiguous()), ("wgrad", dy.t().contiguous(), x.t().contiguous())):
-            a8, a_inv = quantize(a, torch.float8_e5m2)
-            b8, b_inv = quantize(b, torch.float8_e4m3fn)
-            exact = a.double() @ b.double().t()
-            dequantized = (a8.double() * a_inv.double()) @ (b8.double() * b_inv.double()).t()
+            a8, a_inv, b8, b_inv, _, quantization_error = quantize_pair(a, b)
             gemms.append({"gemm": f"{name} {kind}", "a": a8, "a_inv": a_inv, "b": b8, "b_inv": b_inv,
-                          "fp8_quantization_rel_error": rel(dequantized, exact)})
+                          "fp8_quantization_rel_error": quantization_error})
             print(f"{name} {kind}: m={a.shape[0]} n={b.shape[0]} k={a.shape[1]} quantization "
-                  f"{gemms[-1]['fp8_quantization_rel_error']:.2e}", flush=True)
+                  f"{quantization_error:.2e}", flush=True)
     source = {"model": str(checkpoint.name), "layer": layer, "tokens": batch * seq, "batch": batch, "seq": seq,
               "loss": loss.item(), "text": "te_llama.assets.wiki_text() + english_text()"}
     temporary = path + ".partial"
@@ -141,17 +156,11 @@ def measure_real(path: str) -> list[dict]:
     captured = torch.load(path)
     rows = []
     for gemm in captured["gemms"]:
-        a, b = gemm["a"].cuda(), gemm["b"].cuda()
-        a_inv, b_inv = gemm["a_inv"].cuda(), gemm["b_inv"].cuda()
-        dequantized = (a.double() * a_inv.double()) @ (b.double() * b_inv.double()).t()
-        row = {"gemm": gemm["gemm"], "m": a.shape[0], "n": b.shape[0], "k": a.shape[1], "operands": "real",
-               "fp8_quantization_rel_error": gemm["fp8_quantization_rel_error"], **captured["source"]}
-        for mode, fast in (("split", False), ("fast", True)):
-            out = torch._scaled_mm(a, b.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=torch.float32,
-                                   use_fast_accum=fast)
-            row[f"{mode}_accumulation_rel_error"] = rel(out, dequantized)
-        row["fast_over_quantization"] = row["fast_accumulation_rel_error"] / row["fp8_quantization_rel_error"]
-        rows.append(row)
+        a8, a_inv, b8, b_inv = (gemm[key].cuda() for key in ("a", "a_inv", "b", "b_inv"))
+        rows.append({"gemm": gemm["gemm"], "m": a8.shape[0], "n": b8.shape[0], "k": a8.shape[1], "operands": "real",
+                     **captured["source"],
+                     **accumulation_errors(a8, a_inv, b8, b_inv, dequantized_product(a8, a_inv, b8, b_inv),
+                                           gemm["fp8_quantization_rel_error"])})
     return rows
 
 
