@@ -136,6 +136,57 @@ def test_jsonl_and_datasets_inputs(tiny_model, tmp_path):
     assert run(tiny_model, tmp_path / "ds", tmp_path / "out", "--max-steps", "2") == 0
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+def torchrun(tiny_model, data, out, *extra):
+    """``te-llama finetune`` in two processes (gloo on the CPU; NCCL on GPUs, tests/gpu/test_multi_gpu.py)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "te_llama", "finetune", "--model", str(tiny_model), "--data", str(data), "--output", str(out),
+               "--seq-len", "64", "--batch-tokens", "128", "--max-eval-blocks", "2", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_torchrun_shares_each_batch_and_one_process_prints_and_writes(tiny_model, text_file, tmp_path):
+    out = tmp_path / "run"
+    printed, _ = torchrun(tiny_model, text_file, out, "--max-steps", "4", "--save-every", "2").communicate(timeout=240)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2 and summary["steps"] == 4
+    assert summary["tokens"] == 4 * 128  # --batch-tokens is the optimizer step's, not each process's
+    assert "4 steps of 2 x 64 tokens, 1 x 64 per process" in printed
+    for line in ("te-llama finetune:", "eval perplexity before", "saved HF checkpoint", "summary:"):
+        assert printed.count(line) == 1, line
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    assert {"rng_state_0.pth", "rng_state_1.pth", COMPLETE_MARKER} <= {p.name for p in checkpoint.iterdir()}
+    assert LlamaForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
+
+
+def test_torchrun_sigterm_stops_both_processes_after_one_step_and_resume_finishes(tiny_model, text_file, tmp_path):
+    out = tmp_path / "run"
+    run = torchrun(tiny_model, text_file, out, "--max-steps", "1000", "--eval-every", "1000", "--save-every", "1000")
+    for line in run.stdout:  # the first logged step: both processes are training
+        if "'loss'" in line:
+            break
+    run.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    run.communicate(timeout=240)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 1000
+    checkpoint = last_complete_checkpoint(out / "checkpoints")
+    assert checkpoint.name == f"checkpoint-{summary['steps']}"  # both stopped after the same step
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+    resumed = torchrun(tiny_model, text_file, out, "--max-steps", str(summary["steps"] + 2), "--resume")
+    resumed.communicate(timeout=240)
+    assert resumed.returncode == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"].endswith(checkpoint.name)
+
+
+def test_batch_tokens_the_processes_cannot_share_is_refused():
+    from te_llama.finetune import FinetuneConfig, FinetuneError, _defaults
+
+    with pytest.raises(FinetuneError, match="--batch-tokens 192 makes 3 blocks .* use a multiple of 128 tokens"):
+        _defaults(FinetuneConfig(seq_len=64, batch_tokens=192), on_gpu=False, processes=2)
+    assert _defaults(FinetuneConfig(seq_len=64, batch_tokens=256), on_gpu=False, processes=2).batch_tokens == 256
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_malformed_jsonl_lines_are_reported_by_number(tiny_model, tmp_path, capsys):
     path = tmp_path / "data.jsonl"

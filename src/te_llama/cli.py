@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the GPU and TE allow, said at start)")
     tune.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 300 GPU / 12 CPU)")
     tune.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 512 GPU / 256 CPU)")
-    tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default 4096 GPU / 1024 CPU)")
+    tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step, shared by the "
+                      "processes under torchrun (default 4096 GPU / 1024 CPU)")
     tune.add_argument("--learning-rate", type=float, default=5e-5)
     tune.add_argument("--eval-fraction", type=float, default=0.05, help="share of blocks held out for eval")
     tune.add_argument("--max-eval-blocks", type=int, default=None)

@@ -5,7 +5,9 @@ With no ``--model``/``--data`` it fine-tunes the embedded SmolLM2-135M-Instruct 
 after, logs loss, learning rate and tokens/s (stdout and TensorBoard when installed), checkpoints every N steps
 (resumable with ``--resume``: same data order, FP8 scaling state restored), stops cleanly on Ctrl-C/SIGTERM
 with a checkpoint, and leaves an HF checkpoint, a loss-curve PNG, a sample reply and ``summary.json`` in
-``--output``.
+``--output``. Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) it trains on N GPUs with DDP
+(:mod:`te_llama.distributed`): ``--batch-tokens`` stays the tokens of one optimizer step, shared by the processes,
+and the first process prints and writes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from te_llama.assets import english_text, smollm2_checkpoint, wiki_articles
 from te_llama.backend import resolve_backend, working_dtype
 from te_llama.checkpoint_io import CheckpointError, weight_files
 from te_llama.data import Example, read_examples, split_blocks, tokenize_and_pack
+from te_llama.distributed import start_processes, wait_for_everyone
 from te_llama.evaluate import perplexity
 from te_llama.fp8 import describe, parse_fp8
 from te_llama.generation import generate_text
@@ -58,7 +61,7 @@ class FinetuneConfig:
     fp8: str = "auto"  # auto: FP8 on a GPU with TE, otherwise off (said so); or delayed/current/block/mxfp8/off
     max_steps: int | None = None  # default: 300 on a GPU, 12 on a CPU
     seq_len: int | None = None  # default: 512 on a GPU, 256 on a CPU
-    batch_tokens: int | None = None  # tokens per optimizer step; default 4096 on a GPU, 1024 on a CPU
+    batch_tokens: int | None = None  # tokens per optimizer step (all processes); default 4096 on a GPU, 1024 on a CPU
     learning_rate: float = 5e-5
     eval_fraction: float = 0.05
     max_eval_blocks: int | None = None  # default: 32 on a GPU, 6 on a CPU
@@ -73,7 +76,7 @@ class FinetuneConfig:
     sample_tokens: int = 40  # tokens of the sample reply generated at the end
 
 
-def _defaults(config: FinetuneConfig, on_gpu: bool) -> FinetuneConfig:
+def _defaults(config: FinetuneConfig, on_gpu: bool, processes: int = 1) -> FinetuneConfig:
     pick = (lambda gpu, cpu: gpu) if on_gpu else (lambda gpu, cpu: cpu)
     config.max_steps = config.max_steps or pick(300, 12)
     config.seq_len = config.seq_len or pick(512, 256)
@@ -83,18 +86,26 @@ def _defaults(config: FinetuneConfig, on_gpu: bool) -> FinetuneConfig:
     config.save_every = config.save_every or max(config.eval_every, config.max_steps // 2)
     if config.batch_tokens < config.seq_len:
         raise FinetuneError(f"--batch-tokens {config.batch_tokens} is smaller than --seq-len {config.seq_len}")
+    blocks = config.batch_tokens // config.seq_len
+    if blocks % processes:
+        raise FinetuneError(
+            f"--batch-tokens {config.batch_tokens} makes {blocks} blocks of --seq-len {config.seq_len} a step, which "
+            f"{processes} processes cannot share evenly; use a multiple of {config.seq_len * processes} tokens")
     return config
 
 
-def _prepare_output(out: Path, config: FinetuneConfig) -> None:
+def _check_output(out: Path, config: FinetuneConfig) -> None:
+    """Refuse an ``--output`` that is a file, or a used directory without ``--resume``/``--overwrite``."""
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if config.resume:
-            return
-        if not config.overwrite:
-            raise FinetuneError(f"--output {out} already exists; pass --overwrite to replace it or --resume to "
-                                "continue its run")
+    if out.is_dir() and any(out.iterdir()) and not (config.resume or config.overwrite):
+        raise FinetuneError(f"--output {out} already exists; pass --overwrite to replace it or --resume to "
+                            "continue its run")
+
+
+def _prepare_output(out: Path, config: FinetuneConfig) -> None:
+    """Empty ``--output`` for ``--overwrite`` and create it; :func:`_check_output` has accepted it."""
+    if out.is_dir() and any(out.iterdir()) and not config.resume:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -141,6 +152,7 @@ def _training_arguments(config: FinetuneConfig, out: Path, on_gpu: bool, batch_s
         save_strategy="steps", save_steps=config.save_every, save_total_limit=2, seed=config.seed,
         data_seed=config.seed, bf16=on_gpu, use_cpu=not on_gpu, report_to=report_to,
         include_num_input_tokens_seen=True, remove_unused_columns=False, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every parameter has a gradient: no search of the graph each step
         optim="adamw_torch",  # on a GPU the Trainer gets te-llama's AdamW instead (_optimizer)
     )
 
@@ -165,7 +177,9 @@ def finetune(config: FinetuneConfig) -> dict:
     out = Path(config.output)
     backend = resolve_backend()
     on_gpu = backend == "te"
-    config = _defaults(config, on_gpu)
+    processes = start_processes(on_gpu)  # before anything touches CUDA: each process on its own GPU
+    main, say = processes.is_main_process, processes.print
+    config = _defaults(config, on_gpu, processes.num_processes)
     if config.cuda_graphs and not on_gpu:
         raise FinetuneError("--cuda-graphs needs a CUDA GPU with Transformer Engine (this run would use the "
                             "reference layer on the CPU); drop --cuda-graphs")
@@ -180,11 +194,15 @@ def finetune(config: FinetuneConfig) -> dict:
         raise CheckpointError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) to tokenize "
                               "the data with")
     examples, data_name, skipped = _load_examples(config, on_gpu)
-    _prepare_output(out, config)
+    _check_output(out, config)  # every process, before the first one changes anything
+    wait_for_everyone()
+    if main:
+        _prepare_output(out, config)
+    wait_for_everyone()
 
     fp8 = parse_fp8(None if (config.fp8 == "auto" and not on_gpu) else config.fp8)
     dtype = working_dtype(backend)
-    model = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8)
+    model = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8, device=processes.device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if config.cuda_graphs:
@@ -193,19 +211,23 @@ def finetune(config: FinetuneConfig) -> dict:
     blocks = tokenize_and_pack(examples, tokenizer, config.seq_len)
     train_blocks, eval_blocks = split_blocks(blocks, config.eval_fraction, config.seed)
     eval_blocks = eval_blocks[: config.max_eval_blocks]
-    batch_size = config.batch_tokens // config.seq_len
+    blocks_per_step = config.batch_tokens // config.seq_len
+    batch_size = blocks_per_step // processes.num_processes  # per process
     precision = describe(model.fp8_config) if model.fp8_config else str(dtype).removeprefix("torch.")
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
-    print(f"te-llama finetune: {model_dir.name} on {device}, backend {backend}, precision {precision}"
-          + ("" if on_gpu else " (no GPU with Transformer Engine: reference layer, FP8 off)"))
-    print(f"data: {data_name}: {len(examples)} documents" + (f" ({skipped} bad lines skipped)" if skipped else "")
-          + f", {len(train_blocks)} training and {len(eval_blocks)} eval blocks of {config.seq_len} tokens; "
-          f"{config.max_steps} steps of {batch_size} x {config.seq_len} tokens")
-    print(f"output: {out} (checkpoints every {config.save_every} steps; TensorBoard: "
-          + (f"{out / 'checkpoints' / 'runs'})" if _tensorboard_available() else "not installed, pip install tensorboard)"))
+    if processes.num_processes > 1:
+        device = f"{processes.num_processes} x {device} (DDP)"
+    say(f"te-llama finetune: {model_dir.name} on {device}, backend {backend}, precision {precision}"
+        + ("" if on_gpu else " (no GPU with Transformer Engine: reference layer, FP8 off)"))
+    say(f"data: {data_name}: {len(examples)} documents" + (f" ({skipped} bad lines skipped)" if skipped else "")
+        + f", {len(train_blocks)} training and {len(eval_blocks)} eval blocks of {config.seq_len} tokens; "
+        f"{config.max_steps} steps of {blocks_per_step} x {config.seq_len} tokens"
+        + (f", {batch_size} x {config.seq_len} per process" if processes.num_processes > 1 else ""))
+    say(f"output: {out} (checkpoints every {config.save_every} steps; TensorBoard: "
+        + (f"{out / 'checkpoints' / 'runs'})" if _tensorboard_available() else "not installed, pip install tensorboard)"))
 
-    ppl_before = perplexity(model, eval_blocks, batch_size)
-    print(f"eval perplexity before: {ppl_before:.3f}")
+    ppl_before = perplexity(model, eval_blocks, batch_size, progress=main)  # each process, the same blocks
+    say(f"eval perplexity before: {ppl_before:.3f}")
     stopper = GracefulStopCallback()
     args = _training_arguments(config, out, on_gpu, batch_size)
     trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=_optimizer(args, on_gpu),
@@ -214,7 +236,7 @@ def finetune(config: FinetuneConfig) -> dict:
     trainer.callback_handler.callbacks.insert(0, LogExtrasCallback())  # before the printer sees the logs
     resume_from = last_complete_checkpoint(out / "checkpoints") if config.resume else None
     if config.resume and resume_from is None:
-        print(f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
+        say(f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.cuda.OutOfMemoryError as error:
@@ -224,8 +246,9 @@ def finetune(config: FinetuneConfig) -> dict:
         ) from error
 
     summary = {
-        "status": "interrupted" if stopper.received else "completed",
+        "status": "interrupted" if stopper.stopped else "completed",
         "model": str(model_dir), "data": data_name, "output": str(out), "backend": backend, "device": device,
+        "processes": processes.num_processes,
         "precision": precision, "fp8_recipe": model.fp8_recipe_name, "steps": trainer.state.global_step,
         "cuda_graph_replays": model.cuda_graph_replays(), "fp8_weight_reuses": model.fp8_weight_reuses(),
         "optimizer": describe_optimizer(trainer.optimizer),
@@ -234,23 +257,28 @@ def finetune(config: FinetuneConfig) -> dict:
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
         "eval_perplexity_before": ppl_before, "config": asdict(config),
     }
-    if stopper.received:
+    if stopper.stopped:
         checkpoint = last_complete_checkpoint(out / "checkpoints")
-        print(f"stopped at step {trainer.state.global_step}; checkpoint {checkpoint}; continue with --resume")
+        say(f"stopped at step {trainer.state.global_step}; checkpoint {checkpoint}; continue with --resume")
     else:
-        summary["eval_perplexity_after"] = perplexity(model, eval_blocks, batch_size)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        print(f"eval perplexity after: {summary['eval_perplexity_after']:.3f} (before {ppl_before:.3f})")
-        print(f"saved HF checkpoint to {out}")
-        print(f"sample, prompt: {SAMPLE_PROMPT}\nreply: ", end="", flush=True)
-        text, _ = generate_text(model.eval(), tokenizer, SAMPLE_PROMPT, max_new_tokens=config.sample_tokens)
-        summary["sample"] = {"prompt": SAMPLE_PROMPT, "reply": text}
-    _plot_losses(trainer.state.log_history, out / "loss_curve.png", math.log(ppl_before))
+        summary["eval_perplexity_after"] = perplexity(model, eval_blocks, batch_size, progress=main)
+        if main:  # the others wait below: one writer, one sample
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            print(f"eval perplexity after: {summary['eval_perplexity_after']:.3f} (before {ppl_before:.3f})")
+            print(f"saved HF checkpoint to {out}")
+            print(f"sample, prompt: {SAMPLE_PROMPT}\nreply: ", end="", flush=True)
+            text, _ = generate_text(model.eval(), tokenizer, SAMPLE_PROMPT, max_new_tokens=config.sample_tokens)
+            summary["sample"] = {"prompt": SAMPLE_PROMPT, "reply": text}
     summary["seconds"] = round(time.time() - started, 1)
     summary["log_history"] = trainer.state.log_history
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"summary: {out / 'summary.json'}; loss curve: {out / 'loss_curve.png'}")
+    if main:
+        _plot_losses(trainer.state.log_history, out / "loss_curve.png", math.log(ppl_before))
+        partial = out / "summary.json.partial"
+        partial.write_text(json.dumps(summary, indent=2, default=str))
+        partial.replace(out / "summary.json")
+        print(f"summary: {out / 'summary.json'}; loss curve: {out / 'loss_curve.png'}")
+    wait_for_everyone()
     return summary
 
 

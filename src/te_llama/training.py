@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from te_llama.distributed import host_group, on_any_process, wait_for_everyone
+
 logger = logging.getLogger("te_llama")
 
 FP8_STATE_FILE = "te_fp8_state.safetensors"
@@ -126,11 +128,13 @@ class CheckpointCompleteCallback(TrainerCallback):
     """Marks a Trainer checkpoint complete once everything in it is written (``on_save`` runs after the save).
 
     A crash half-way through writing ``checkpoint-N`` leaves it unmarked; :func:`last_complete_checkpoint`
-    then resumes from the one before, which the crash never touched.
+    then resumes from the one before, which the crash never touched. With several processes the marker waits
+    for all of them (each writes its own random-number state into the checkpoint).
     """
 
     def on_save(self, args, state, control, **kwargs):
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        wait_for_everyone()
         if state.is_world_process_zero and directory.is_dir():
             (directory / COMPLETE_MARKER).write_text(str(state.global_step))
 
@@ -168,13 +172,20 @@ class LogExtrasCallback(TrainerCallback):
 
 
 class GracefulStopCallback(TrainerCallback):
-    """On Ctrl-C or SIGTERM: finish the current step, save a resumable checkpoint, stop. A second signal aborts."""
+    """On Ctrl-C or SIGTERM: finish the current step, save a resumable checkpoint, stop. A second signal aborts.
+
+    With several processes (``torchrun`` passes a signal on to each), they agree after every step, over a gloo
+    group of the hosts, whether any has been signalled, so that all stop after the same step and save together.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.received: int | None = None
+        self.stopped = False
+        """Whether training was stopped by a signal (to this process or another)."""
         self._previous: dict = {}
+        self._group = None
 
     def _handle(self, signum, frame):
         if self.received is not None:
@@ -184,11 +195,13 @@ class GracefulStopCallback(TrainerCallback):
                        signal.Signals(signum).name)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._group = host_group()
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if on_any_process(self.received is not None, self._group):
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
 

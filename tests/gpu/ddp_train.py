@@ -1,0 +1,81 @@
+"""Train the small GPU-test model under DDP, one process per GPU, each on its share of every batch, and report
+what the multi-GPU test compares: the averaged losses, each process's weights and FP8 scaling state (as digests),
+and the first process's final weights.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/gpu/ddp_train.py --fp8 delayed --out DIR
+    python tests/gpu/ddp_train.py --fp8 delayed --out DIR          # the same global batches in one process
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import small_llama  # noqa: E402
+
+from te_llama.training import fp8_state  # noqa: E402
+
+
+def digest(tensors) -> str:
+    hashed = hashlib.sha256()
+    for tensor in tensors:
+        hashed.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return hashed.hexdigest()[:16]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fp8", default="delayed")
+    parser.add_argument("--graphs", action="store_true")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1:
+        dist.init_process_group("nccl")
+    model = small_llama.model(fp8=args.fp8, graphs=args.graphs)
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    share = args.global_batch // world
+    losses = []
+    for step in range(args.steps):
+        ids = small_llama.batch(step, size=args.global_batch)[rank * share:(rank + 1) * share]
+        loss = trained(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        losses.append(mean.item())
+
+    mine = {"weights": digest(p for _, p in sorted(model.named_parameters())),
+            "fp8_state": digest(t for _, t in sorted(fp8_state(model).items())),
+            "graph_replays": model.cuda_graph_replays()}
+    everyone = [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    if rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({name: p.detach().cpu() for name, p in model.named_parameters()}, out / "weights.pt")
+        (out / "result.json").write_text(json.dumps({"world": world, "losses": losses, "processes": everyone,
+                                                     "recipe": model.fp8_recipe_name}, indent=1))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
