@@ -20,6 +20,16 @@ def test_reference_backend_refuses_cuda_graphs():
     assert not model.cuda_graphs and model.cuda_graph_replays() == 0
 
 
+def test_cuda_graphs_are_refused_in_several_processes(monkeypatch):
+    import te_llama.modeling
+
+    monkeypatch.setattr(te_llama.modeling, "several_processes", lambda: True)  # as under torchrun (DDP)
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
+    with pytest.raises(CudaGraphError, match="do not work with several processes yet.*drop --cuda-graphs"):
+        model.enable_cuda_graphs()
+    assert not model.cuda_graphs
+
+
 def test_layers_without_graphs_train_as_before():
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference").train()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -12,11 +12,12 @@ from te_llama.backend import BackendUnavailableError
 from te_llama.checkpoint_io import CheckpointError
 from te_llama.cuda_graphs import CudaGraphError
 from te_llama.data import DataError
+from te_llama.distributed import DataParallelError
 from te_llama.fp8 import FP8ConfigError
 from te_llama.layer import UnsupportedConfigError
 
-EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, CudaGraphError, DataError, FP8ConfigError,
-                   UnsupportedConfigError)
+EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, CudaGraphError, DataError, DataParallelError,
+                   FP8ConfigError, UnsupportedConfigError)
 EXIT_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 2, 3, 130
 
 

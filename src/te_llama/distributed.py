@@ -11,24 +11,41 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
+
+DATA_PARALLEL_ADVICE = ("Launch one process per GPU instead (DDP): torchrun --nproc_per_node N your_script.py, or "
+                        "torchrun --nproc_per_node N -m te_llama finetune ...; or make one GPU visible with "
+                        "CUDA_VISIBLE_DEVICES=0.")
 
 
-def start_processes(on_gpu: bool) -> PartialState:
-    """This process's place among the launcher's (one process when started plainly): the process group is up
-    and, on GPUs, the process is on its own (``LOCAL_RANK``)."""
+class DataParallelError(RuntimeError):
+    """A te-llama model was run by ``torch.nn.DataParallel``, which the HF Trainer picks when one process sees
+    several GPUs."""
+
+
+def start_processes(on_gpu: bool):
+    """This process's place among the launcher's (one process when started plainly), as accelerate's
+    ``PartialState``: the process group is up and, on GPUs, the process is on its own (``LOCAL_RANK``)."""
+    from accelerate import PartialState
+
     return PartialState(cpu=not on_gpu)
 
 
 def wait_for_everyone() -> None:
     """Block until every process gets here (nothing to wait for in a single process)."""
+    from accelerate import PartialState
+
     PartialState().wait_for_everyone()
+
+
+def several_processes() -> bool:
+    """Whether this process is one of several (a process group of more than one is up)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def host_group() -> dist.ProcessGroup | None:
     """A gloo group over every process, for flags exchanged between hosts without waiting for the GPU; ``None``
     in a single process. Every process must call it, at the same point."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not several_processes():
         return None
     return dist.new_group(backend="gloo")
 

@@ -180,6 +180,9 @@ def finetune(config: FinetuneConfig) -> dict:
     processes = start_processes(on_gpu)  # before anything touches CUDA: each process on its own GPU
     main, say = processes.is_main_process, processes.print
     config = _defaults(config, on_gpu, processes.num_processes)
+    if config.cuda_graphs and processes.num_processes > 1:
+        raise FinetuneError(f"--cuda-graphs does not work with several processes yet ({processes.num_processes} "
+                            "here: under DDP, recording the graphs fails); drop --cuda-graphs")
     if config.cuda_graphs and not on_gpu:
         raise FinetuneError("--cuda-graphs needs a CUDA GPU with Transformer Engine (this run would use the "
                             "reference layer on the CPU); drop --cuda-graphs")
@@ -223,13 +226,17 @@ def finetune(config: FinetuneConfig) -> dict:
         + f", {len(train_blocks)} training and {len(eval_blocks)} eval blocks of {config.seq_len} tokens; "
         f"{config.max_steps} steps of {blocks_per_step} x {config.seq_len} tokens"
         + (f", {batch_size} x {config.seq_len} per process" if processes.num_processes > 1 else ""))
-    say(f"output: {out} (checkpoints every {config.save_every} steps; TensorBoard: "
-        + (f"{out / 'checkpoints' / 'runs'})" if _tensorboard_available() else "not installed, pip install tensorboard)"))
+    board = f"{out / 'checkpoints' / 'runs'})" if _tensorboard_available() else "not installed, pip install tensorboard)"
+    say(f"output: {out} (checkpoints every {config.save_every} steps; TensorBoard: {board}")
 
     ppl_before = perplexity(model, eval_blocks, batch_size, progress=main)  # each process, the same blocks
     say(f"eval perplexity before: {ppl_before:.3f}")
     stopper = GracefulStopCallback()
     args = _training_arguments(config, out, on_gpu, batch_size)
+    if on_gpu and processes.num_processes == 1 and torch.cuda.device_count() > 1:
+        args._n_gpu = 1  # not nn.DataParallel over every visible GPU (te-llama refuses it); as HF's Trainer does
+        say(f"{torch.cuda.device_count()} GPUs visible, training on one: to train on all of them run "
+            f"torchrun --nproc_per_node {torch.cuda.device_count()} -m te_llama finetune ...")
     trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=_optimizer(args, on_gpu),
                       train_dataset=train_blocks, eval_dataset=eval_blocks, data_collator=default_data_collator,
                       callbacks=[FP8StateCallback(), CheckpointCompleteCallback(), stopper])

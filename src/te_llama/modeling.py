@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from te_llama.backend import default_device, resolve_backend
 from te_llama.checkpoint_io import CheckpointError, weight_files, write_checkpoint
 from te_llama.cuda_graphs import CudaGraphError, record_layer_graphs_once, release_layer_graphs
+from te_llama.distributed import DATA_PARALLEL_ADVICE, DataParallelError, several_processes
 from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.layer import check_config
 from te_llama.lm_head_loss import linear_cross_entropy
@@ -78,6 +79,14 @@ def read_llama_config(directory: Path) -> LlamaConfig:
             "(model_type 'llama') only"
         )
     return LlamaConfig.from_pretrained(directory)
+
+
+def _refuse_graphs_in_several_processes() -> None:
+    if several_processes():
+        raise CudaGraphError(
+            "CUDA graphs do not work with several processes yet: under DDP, recording them fails (CUDA's "
+            "cudaErrorStreamCaptureImplicit, seen on two H200s). Turn them off (drop --cuda-graphs) to train on "
+            "several GPUs, or train in one process.")
 
 
 class TELlamaForCausalLM(LlamaForCausalLM):
@@ -195,8 +204,16 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         """Whether the next forward runs in FP8 (training mode, or eval with ``in_eval``)."""
         return self._fp8_recipe is not None and (self.training or self.fp8_config.in_eval)
 
+    def _refuse_data_parallel(self) -> None:
+        if getattr(self, "_is_replica", False):  # set by torch.nn.DataParallel on the copies it runs per GPU
+            raise DataParallelError(
+                "te-llama models do not run under torch.nn.DataParallel (the HF Trainer uses it when one process "
+                "sees several GPUs): its per-step copies of the model on every GPU share Transformer Engine's and "
+                f"te-llama's per-model state. {DATA_PARALLEL_ADVICE}")
+
     @functools.wraps(LlamaForCausalLM.forward)
     def forward(self, *args, **kwargs):
+        self._refuse_data_parallel()
         run = self._forward_chunked_loss if self._chunked_loss_applies(args, kwargs) else super().forward
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None and kwargs.get("inputs_embeds") is not None:
@@ -217,6 +234,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         caches = fp8 and training and self.cache_fp8_weights
         graph = None
         if self.cuda_graphs and training:
+            _refuse_graphs_in_several_processes()
             if any(layer.gradient_checkpointing for layer in self.model.layers):  # HF's property walks all modules
                 raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
             # Graphs record TE's weight caching once the cache keeps casts (weights seen unchanged between two
@@ -274,6 +292,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         micro-batch) run eagerly as before; see :mod:`te_llama.cuda_graphs`. Calling this again records anew at the
         next training forward. Gradient checkpointing cannot be combined with them.
         """
+        _refuse_graphs_in_several_processes()
         if self.te_backend != "te":
             raise CudaGraphError("CUDA graphs need the Transformer Engine backend on a CUDA GPU; this model runs "
                                  f"the {self.te_backend!r} layer (set TE_LLAMA_BACKEND=te on a GPU machine)")

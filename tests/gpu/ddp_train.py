@@ -1,6 +1,6 @@
-"""Train the small GPU-test model under DDP, one process per GPU, each on its share of every batch, and report
-what the multi-GPU test compares: the averaged losses, each process's weights and FP8 scaling state (as digests),
-and the first process's final weights.
+"""Train the small GPU-test model under DDP, one process per GPU, each on its share of one batch it learns by
+heart, and report what the multi-GPU test compares: the losses averaged over the processes, the first step's
+(averaged) gradients, and each process's final weights and FP8 scaling state as digests.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/gpu/ddp_train.py --fp8 delayed --out DIR
     python tests/gpu/ddp_train.py --fp8 delayed --out DIR          # the same global batches in one process
@@ -43,15 +43,17 @@ def main() -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1:
         dist.init_process_group("nccl")
-    model = small_llama.model(fp8=args.fp8, graphs=args.graphs)
+    model = small_llama.model(fp8=None if args.fp8 == "off" else args.fp8, graphs=args.graphs)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     share = args.global_batch // world
-    losses = []
+    ids = small_llama.batch(0, size=args.global_batch)[rank * share:(rank + 1) * share]
+    losses, first_grads = [], None
     for step in range(args.steps):
-        ids = small_llama.batch(step, size=args.global_batch)[rank * share:(rank + 1) * share]
         loss = trained(input_ids=ids, labels=ids).loss
         loss.backward()
+        if step == 0:
+            first_grads = {name: p.grad.float().cpu() for name, p in model.named_parameters()}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mean = loss.detach().clone()
@@ -70,7 +72,7 @@ def main() -> None:
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({name: p.detach().cpu() for name, p in model.named_parameters()}, out / "weights.pt")
+        torch.save(first_grads, out / "first_grads.pt")
         (out / "result.json").write_text(json.dumps({"world": world, "losses": losses, "processes": everyone,
                                                      "recipe": model.fp8_recipe_name}, indent=1))
     if world > 1:
