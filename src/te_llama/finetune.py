@@ -234,7 +234,8 @@ def finetune(config: FinetuneConfig) -> dict:
     stopper = GracefulStopCallback()
     args = _training_arguments(config, out, on_gpu, batch_size)
     if on_gpu and processes.num_processes == 1 and torch.cuda.device_count() > 1:
-        args._n_gpu = 1  # not nn.DataParallel over every visible GPU (te-llama refuses it); as HF's Trainer does
+        _ = args.device  # sets up the devices, which counts every visible GPU; then one, as HF's Trainer does
+        args._n_gpu = 1  # for model-parallel models: no nn.DataParallel over the others (te-llama refuses it)
         say(f"{torch.cuda.device_count()} GPUs visible, training on one: to train on all of them run "
             f"torchrun --nproc_per_node {torch.cuda.device_count()} -m te_llama finetune ...")
     trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=_optimizer(args, on_gpu),
