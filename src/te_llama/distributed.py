@@ -1,4 +1,4 @@
-"""Several GPUs: ``torchrun --nproc_per_node N -m te_llama finetune ...`` (or ``accelerate launch -m te_llama``).
+"""Several GPUs: ``torchrun --nproc_per_node N -m te_llama finetune ...``, one process per GPU.
 
 Each process trains a whole copy of the model on its share of every batch. The HF Trainer wraps it in DDP, which
 averages the gradients, and Transformer Engine reduces delayed scaling's amaxes over every process (its default

@@ -5,7 +5,7 @@ With no ``--model``/``--data`` it fine-tunes the embedded SmolLM2-135M-Instruct 
 after, logs loss, learning rate and tokens/s (stdout and TensorBoard when installed), checkpoints every N steps
 (resumable with ``--resume``: same data order, FP8 scaling state restored), stops cleanly on Ctrl-C/SIGTERM
 with a checkpoint, and leaves an HF checkpoint, a loss-curve PNG, a sample reply and ``summary.json`` in
-``--output``. Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) it trains on N GPUs with DDP
+``--output``. Under ``torchrun --nproc_per_node N`` it trains on N GPUs with DDP
 (:mod:`te_llama.distributed`): ``--batch-tokens`` stays the tokens of one optimizer step, shared by the processes,
 and the first process prints and writes.
 """
