@@ -62,13 +62,11 @@ def main() -> None:
         losses.append(mean.item())
 
     mine = {"weights": digest(p for _, p in sorted(model.named_parameters())),
-            "fp8_state": digest(t for _, t in sorted(fp8_state(model).items())),
-            "graph_replays": model.cuda_graph_replays()}
-    everyone = [None] * world
+            "fp8_state": digest(t for _, t in sorted(fp8_state(model).items()))}
+    everyone = [mine]
     if world > 1:
+        everyone = [None] * world
         dist.all_gather_object(everyone, mine)
-    else:
-        everyone = [mine]
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
