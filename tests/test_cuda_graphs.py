@@ -20,14 +20,40 @@ def test_reference_backend_refuses_cuda_graphs():
     assert not model.cuda_graphs and model.cuda_graph_replays() == 0
 
 
-def test_cuda_graphs_are_refused_in_several_processes(monkeypatch):
-    import te_llama.modeling
+def test_a_capture_failing_under_ddp_becomes_advice(monkeypatch):
+    import te_llama.distributed
+    from te_llama.cuda_graphs import _explain_capture_failure_under_ddp
 
-    monkeypatch.setattr(te_llama.modeling, "several_processes", lambda: True)  # as under torchrun (DDP)
+    def failed_capture():  # how torch reports it: ending the capture fails, the cause is its context
+        try:
+            raise RuntimeError("CUDA error: operation would make the legacy stream depend on a capturing blocking "
+                               "stream")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(te_llama.distributed, "several_processes", lambda: True)  # as under torchrun
+    with pytest.raises(CudaGraphError, match="before wrapping the model in DistributedDataParallel"):
+        with _explain_capture_failure_under_ddp():
+            failed_capture()
+    with pytest.raises(RuntimeError, match="out of memory"):  # other errors pass through unchanged
+        with _explain_capture_failure_under_ddp():
+            raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(te_llama.distributed, "several_processes", lambda: False)
+    with pytest.raises(RuntimeError, match="previous error during capture"):  # one process: no DDP to blame
+        with _explain_capture_failure_under_ddp():
+            failed_capture()
+
+
+def test_kept_grad_accumulators_are_not_copied_with_the_model():
+    import copy
+
+    from te_llama.cuda_graphs import GradAccumulators
+
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
-    with pytest.raises(CudaGraphError, match="do not work with several processes yet.*drop --cuda-graphs"):
-        model.enable_cuda_graphs()
-    assert not model.cuda_graphs
+    nodes = [torch.autograd.graph.get_gradient_edge(p).node for p in model.model.layers.parameters()]
+    model._grad_accumulators = GradAccumulators(nodes)
+    copied = copy.deepcopy(model)  # autograd nodes cannot be copied; a copy has its own parameters anyway
+    assert copied._grad_accumulators == () and len(model._grad_accumulators) == len(nodes)
 
 
 def test_layers_without_graphs_train_as_before():

@@ -31,6 +31,11 @@ When the graph replays (checked on every call, otherwise the layers run eagerly 
 The model records the graph at its first training forward that qualifies (see
 :meth:`te_llama.modeling.TELlamaForCausalLM.enable_cuda_graphs`), once: batches of another shape run eagerly,
 and only a change of FP8 recipe records it again.
+
+Under DDP (several processes) the graphs need the layers' gradient accumulators made on a side stream before DDP
+wraps the model (:func:`accumulate_grads_on_side_stream`); ``enable_cuda_graphs()`` does that. Plain DDP loops
+train with them as without (GPU tests); ``te-llama finetune`` still refuses them with several processes, since a
+run of the HF Trainer with them stopped making progress after 9 steps on two H200s (not yet diagnosed).
 """
 
 from __future__ import annotations
@@ -183,6 +188,29 @@ def release_layer_graphs(layers) -> None:
         torch.cuda.empty_cache()
 
 
+class GradAccumulators(tuple):
+    """Autograd nodes a model keeps alive; a copied model keeps none (it makes its own)."""
+
+    def __deepcopy__(self, memo):
+        return GradAccumulators()
+
+
+def accumulate_grads_on_side_stream(params) -> GradAccumulators:
+    """Make each parameter's gradient accumulator (autograd's ``AccumulateGrad`` node) on a side stream, so that
+    the backward graph can be recorded under DDP; returns the nodes, which the caller keeps.
+
+    Autograd runs a parameter's accumulator on the stream that was current when the node was made. DDP's
+    constructor makes (and keeps) the nodes on the default, legacy stream; recording the backward then fails,
+    because the legacy stream may not wait on a stream that is being captured (``cudaErrorStreamCaptureImplicit``,
+    seen on two H200s). Made here first, DDP takes these nodes as they are (autograd hands out the living node), and
+    the recording captures the accumulation on the side stream as PyTorch's CUDA-graph notes advise for DDP. Eager
+    backwards then wait for that stream per parameter, as autograd does between any two streams.
+    """
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        return GradAccumulators(torch.autograd.graph.get_gradient_edge(p).node for p in params if p.requires_grad)
+
+
 def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, dtype: torch.dtype,
                         recipe, cache_weights: bool = False) -> StackGraph:
     """Record the forward and backward graphs of ``layers`` (all of a model's decoder layers, in order) for
@@ -207,7 +235,7 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     # weight-cast cache, which would keep tensors of the recording alive.
     autocast = _autocast_state()
     with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=bool(autocast), cache_enabled=False), \
-            _weight_skip_flag(cache_weights):
+            _weight_skip_flag(cache_weights), _explain_capture_failure_under_ddp():
         te.make_graphed_callables(calls, samples,
                                   sample_kwargs=tuple({"rotary_pos_emb": angles} for _ in calls),
                                   enabled=recipe is not None, recipe=recipe, clone_param_grads_on_return=False,
@@ -216,6 +244,31 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     torch.cuda.empty_cache()
     logger.info("recorded CUDA graphs of %d decoder layers for batches of %d x %d tokens", len(layers), batch, seq)
     return StackGraph(calls, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights)
+
+
+@contextmanager
+def _explain_capture_failure_under_ddp() -> Iterator[None]:
+    """Turn CUDA's capture error under DDP into advice: the gradient accumulators were made on the legacy stream
+    (DDP wrapped the model before ``enable_cuda_graphs()``; see :func:`accumulate_grads_on_side_stream`)."""
+    from te_llama.distributed import several_processes
+
+    try:
+        yield
+    except RuntimeError as error:  # torch.AcceleratorError is a RuntimeError
+        # The capture's own error is the context of the one that ending the capture raises
+        if several_processes() and any("capturing blocking stream" in str(e) for e in _error_chain(error)):
+            raise CudaGraphError(
+                "recording the CUDA graphs failed under DDP: call model.enable_cuda_graphs() after "
+                "torch.distributed.init_process_group() and before wrapping the model in DistributedDataParallel") from error
+        raise
+
+
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 @contextmanager

@@ -23,7 +23,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from te_llama.backend import default_device, resolve_backend
 from te_llama.checkpoint_io import CheckpointError, weight_files, write_checkpoint
-from te_llama.cuda_graphs import CudaGraphError, record_layer_graphs_once, release_layer_graphs
+from te_llama.cuda_graphs import (CudaGraphError, GradAccumulators, accumulate_grads_on_side_stream,
+                                  record_layer_graphs_once, release_layer_graphs)
 from te_llama.distributed import DATA_PARALLEL_ADVICE, DataParallelError, several_processes
 from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.layer import check_config
@@ -81,14 +82,6 @@ def read_llama_config(directory: Path) -> LlamaConfig:
     return LlamaConfig.from_pretrained(directory)
 
 
-def _refuse_graphs_in_several_processes() -> None:
-    if several_processes():
-        raise CudaGraphError(
-            "CUDA graphs do not work with several processes yet: under DDP, recording them fails (CUDA's "
-            "cudaErrorStreamCaptureImplicit, seen on two H200s). Turn them off (drop --cuda-graphs) to train on "
-            "several GPUs, or train in one process.")
-
-
 class TELlamaForCausalLM(LlamaForCausalLM):
     """A ``LlamaForCausalLM`` with Transformer Engine decoder layers (or the reference layer on CPU)."""
 
@@ -110,6 +103,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         self._fp8_recipe = None
         self.cuda_graphs = False
         """Whether training steps replay the decoder layers as CUDA graphs (:meth:`enable_cuda_graphs`)."""
+        self._grad_accumulators = GradAccumulators()  # kept for DDP (cuda_graphs.accumulate_grads_on_side_stream)
         self.cache_fp8_weights = os.environ.get("TE_LLAMA_FP8_WEIGHT_CACHE", "0") == "1"
         """``True`` (or ``TE_LLAMA_FP8_WEIGHT_CACHE=1``): FP8 training forwards cast the decoder weights once per
         weight update and reuse the cast until the weights change (gradient accumulation, passes without optimizer
@@ -234,7 +228,6 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         caches = fp8 and training and self.cache_fp8_weights
         graph = None
         if self.cuda_graphs and training:
-            _refuse_graphs_in_several_processes()
             if any(layer.gradient_checkpointing for layer in self.model.layers):  # HF's property walks all modules
                 raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
             # Graphs record TE's weight caching once the cache keeps casts (weights seen unchanged between two
@@ -291,8 +284,13 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         padded batches, other shapes such as an epoch's short last batch, gradient accumulation after the first
         micro-batch) run eagerly as before; see :mod:`te_llama.cuda_graphs`. Calling this again records anew at the
         next training forward. Gradient checkpointing cannot be combined with them.
+
+        Under DDP (several processes), call it after ``torch.distributed.init_process_group()`` and before wrapping
+        the model in ``DistributedDataParallel``: it makes the decoder parameters' gradient accumulators on a side
+        stream, which recording the graphs needs (see :func:`te_llama.cuda_graphs.accumulate_grads_on_side_stream`).
+        This is new: plain DDP loops trained with the graphs in GPU tests, but a run of the HF Trainer with them
+        stopped making progress after 9 steps (not yet diagnosed), so ``te-llama finetune`` refuses them there.
         """
-        _refuse_graphs_in_several_processes()
         if self.te_backend != "te":
             raise CudaGraphError("CUDA graphs need the Transformer Engine backend on a CUDA GPU; this model runs "
                                  f"the {self.te_backend!r} layer (set TE_LLAMA_BACKEND=te on a GPU machine)")
@@ -300,6 +298,10 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             raise CudaGraphError("gradient checkpointing is on: it recomputes the forward during the backward "
                                  "pass, which a recorded graph cannot; turn one of them off")
         release_layer_graphs(self.model.layers)
+        if several_processes() and not self._grad_accumulators:
+            logger.warning("CUDA graphs with several processes are new: plain DDP loops trained with them in GPU "
+                           "tests, but an HF Trainer run stopped making progress after 9 steps (not yet diagnosed)")
+            self._grad_accumulators = accumulate_grads_on_side_stream(self.model.layers.parameters())
         self.cuda_graphs = True
         return self
 

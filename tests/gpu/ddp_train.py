@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp8", default="delayed")
     parser.add_argument("--graphs", action="store_true")
+    parser.add_argument("--graphs-after-ddp", action="store_true", help="enable the graphs once DDP wrapped the model")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--out", required=True)
@@ -45,6 +46,8 @@ def main() -> None:
         dist.init_process_group("nccl")
     model = small_llama.model(fp8=None if args.fp8 == "off" else args.fp8, graphs=args.graphs)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.graphs_after_ddp:
+        model.enable_cuda_graphs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     share = args.global_batch // world
     ids = small_llama.batch(0, size=args.global_batch)[rank * share:(rank + 1) * share]
@@ -72,7 +75,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(first_grads, out / "first_grads.pt")
         (out / "result.json").write_text(json.dumps({"world": world, "losses": losses, "processes": everyone,
-                                                     "recipe": model.fp8_recipe_name}, indent=1))
+                                                     "recipe": model.fp8_recipe_name,
+                                                     "graph_replays": model.cuda_graph_replays()}, indent=1))
     if world > 1:
         dist.destroy_process_group()
 

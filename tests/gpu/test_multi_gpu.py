@@ -1,5 +1,6 @@
 """Two GPUs: DDP training in FP8 keeps the processes identical and trains as one GPU does on the same global batch,
-``te-llama finetune`` runs under ``torchrun``; ``nn.DataParallel``, and CUDA graphs under DDP, are refused with advice.
+``te-llama finetune`` runs under ``torchrun``, CUDA graphs in a plain DDP loop compute what eager DDP does;
+``nn.DataParallel`` is refused with advice.
 Skipped on a machine with one GPU."""
 
 import json
@@ -54,9 +55,26 @@ def test_ddp_keeps_processes_identical_and_trains_as_one_gpu(tmp_path, record, r
         assert worst < 0.02
 
 
-def test_cuda_graphs_under_ddp_are_refused_with_advice(tmp_path):
-    result = launch(tmp_path, "graphs", TORCHRUN, "--fp8", "delayed", "--graphs")
-    assert result.returncode != 0 and "CUDA graphs do not work with several processes yet" in result.stderr
+@pytest.mark.parametrize("recipe", ["off", "delayed"])
+def test_ddp_with_cuda_graphs_trains_as_eager_ddp(tmp_path, record, recipe):
+    graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", recipe, "--graphs")
+    eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", recipe)
+    first, second = graphs["processes"]
+    loss_gap = max(abs(a - b) / b for a, b in zip(graphs["losses"], eager["losses"]))
+    worst = max(small_llama.rel(graphs_grads[name], eager_grads[name]) for name in eager_grads)
+    record(test="ddp_graphs", recipe=recipe, losses_graphs=graphs["losses"], losses_eager=eager["losses"],
+           worst_loss_gap=loss_gap, worst_first_grad_rel=worst, replays=graphs["graph_replays"],
+           same_weights_as_eager=graphs["processes"][0]["weights"] == eager["processes"][0]["weights"])
+    assert graphs["graph_replays"] == len(graphs["losses"])  # every step replayed the recorded layers
+    assert first["weights"] == second["weights"] and first["fp8_state"] == second["fp8_state"]
+    assert loss_gap < 1e-3 and worst < 1e-2  # the graphs compute what eager DDP computes
+
+
+def test_cuda_graphs_enabled_after_ddp_wrapped_the_model_give_advice(tmp_path):
+    result = launch(tmp_path, "late", TORCHRUN, "--fp8", "delayed", "--graphs-after-ddp")
+    assert result.returncode != 0
+    assert "call model.enable_cuda_graphs() after torch.distributed.init_process_group() and before wrapping" \
+        in result.stderr
 
 
 def test_data_parallel_is_refused_with_advice():

@@ -1,0 +1,83 @@
+"""Training steps under DDP, one process per GPU, for one ``te-llama bench`` variant and shape: ms per step.
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/ddp_step.py --variant te_fp8_delayed_graphs --shape A --out X.jsonl
+    python benchmarks/ddp_step.py --variant te_fp8_delayed_graphs --shape A --out X.jsonl     # the same on one GPU
+
+Each process builds the variant's model as ``te-llama bench`` does (``te_llama.benchmark.prepare_variant``; a
+``_graphs`` variant enables CUDA graphs before DDP wraps the model), trains on a batch of the shape's size of its
+own, and DDP averages the gradients. Steps are timed as the suite times them (CUDA events, a wait for the GPU after
+each step), and process 0 appends one JSON line to ``--out``: the median ms per step over the processes' slowest,
+tokens per second over all processes, peak memory, the SM clock and power of its GPU.
+
+Why it exists: with CUDA graphs, the decoder layers' backward is one graph, so their gradients reach DDP only when
+the whole stack's backward is done, and DDP cannot overlap their all-reduce with it as it does eagerly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from te_llama.benchmark import SHAPES, environment, prepare_variant, skip_reason, timed_ms, training_step
+from te_llama.gpu_power import PowerSampler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--shape", default="A", choices=sorted(SHAPES))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if (reason := skip_reason(args.variant, args.shape)) is not None:
+        raise SystemExit(f"{args.variant} on shape {args.shape}: {reason}")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:  # the CPU tests run the glue with the reference layer and gloo
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    shape = SHAPES[args.shape]
+    model, optimizer, _ = prepare_variant(args.variant, shape, device)
+    ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device=device,
+                        generator=torch.Generator(device).manual_seed(rank))  # each process its own tokens
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        training_step(trained, ids, optimizer)
+    with PowerSampler() as power:
+        times = [timed_ms(lambda: training_step(trained, ids, optimizer), device.type)[0] for _ in range(args.steps)]
+    ms = torch.tensor(times, device=device)
+    if world > 1:  # a step lasts as long as its slowest process
+        dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+    median = statistics.median(ms.tolist())
+    row = {"variant": args.variant, "shape": args.shape, "processes": world, "ms_per_step": median,
+           "tokens_per_s": world * shape.batch * shape.seq / median * 1000,
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
+           "graph_replays": model.cuda_graph_replays() if hasattr(model, "cuda_graph_replays") else None,
+           "gpu_power": power.summary(), **environment()}
+    if rank == 0:
+        with Path(args.out).open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("variant", "shape", "processes", "ms_per_step", "tokens_per_s",
+                                              "peak_memory_gib", "graph_replays")}), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

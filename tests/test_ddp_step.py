@@ -1,0 +1,35 @@
+"""``benchmarks/ddp_step.py`` (steps under DDP) on the CPU: two gloo processes run the tiny shape and write one row."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "ddp_step.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def run(*args, processes=2):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return subprocess.run([*launcher, str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=240)
+
+
+def test_two_processes_write_one_row_for_the_step(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    result = run("--variant", "te_bf16", "--shape", "tiny", "--steps", "3", "--warmup", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1  # the first process writes; the step lasts as long as the slower process
+    row = rows[0]
+    assert row["processes"] == 2 and row["variant"] == "te_bf16" and row["ms_per_step"] > 0
+    assert row["tokens_per_s"] == 2 * 2 * 64 / row["ms_per_step"] * 1000  # both processes' tokens (tiny: 2 x 64)
+    assert row["gpu"] == "cpu" and row["versions"]["torch"]
+
+
+def test_a_variant_that_needs_a_gpu_is_refused_by_name(tmp_path):
+    result = run("--variant", "te_fp8_delayed_graphs", "--shape", "tiny", "--out", str(tmp_path / "x.jsonl"),
+                 processes=1)
+    assert result.returncode != 0 and "te_fp8_delayed_graphs on shape tiny: needs a CUDA GPU" in result.stderr
+    assert not (tmp_path / "x.jsonl").exists()
