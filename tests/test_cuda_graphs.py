@@ -110,6 +110,32 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
     assert all(layer.cuda_graph is None for layer in model.model.layers)
 
 
+def test_a_training_forward_that_cannot_replay_says_why_once(caplog):
+    """The replay conditions checked before TE's FP8 state (which needs TE): each reason for an eager training
+    forward is logged once; evaluation and other batch shapes are expected and not logged."""
+    import te_llama.cuda_graphs as cuda_graphs
+
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference").train()
+    shape = torch.Size((2, 16, 64))
+    graph = cuda_graphs.StackGraph(cuda_graphs.split_stack(model.model.layers), shape, torch.float32, None)
+    graph.armed = True
+    hidden = torch.zeros(shape)
+    with caplog.at_level("INFO", logger="te_llama"):
+        assert "padding" in graph.eager_reason(hidden, "padding_causal")
+        assert "bfloat16" in graph.eager_reason(hidden.bfloat16(), "causal")
+        first = next(iter(graph.params))
+        first.grad = torch.zeros_like(first)
+        for _ in range(3):
+            assert not graph.replays(hidden, "causal")
+        assert "gradient accumulation" in graph.eager_reason(hidden, "causal")
+        assert graph.eager_reason(torch.zeros(1, 16, 64), "causal") == ""  # another shape: reported when recorded
+        model.eval()
+        assert graph.eager_reason(hidden, "causal") == ""  # evaluation runs eagerly by design
+        assert not graph.replays(hidden, "causal")
+    eager = [r.message for r in caplog.records if "runs its decoder layers eagerly" in r.message]
+    assert len(eager) == 1 and "already hold gradients" in eager[0]
+
+
 def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkeypatch):
     """The dispatch of a replay, with the recorded stack replaced by the same layers run eagerly (no TE here):
     every layer computes exactly once, and the model's output is the eager one; a forward that asks for hidden

@@ -96,17 +96,39 @@ class StackGraph:
         self.armed = False
         """Set by the model's forward for its own call of the layers (see the module docstring)."""
         self._output = None  # weak reference to the last replay's output, which the later layers hand on
+        self._reported: set[str] = set()  # reasons for eager training forwards already logged
 
     def replays(self, hidden_states: torch.Tensor, mask_type: str) -> bool:
-        """Whether the first layer's call can replay the graph (see the module docstring)."""
-        if not (self.armed and mask_type == "causal" and torch.is_grad_enabled()
-                and hidden_states.shape == self.shape and hidden_states.dtype == self.dtype
-                and self.calls[0].layers[0].training and _autocast_state() == self.autocast):
-            return False
+        """Whether the first layer's call can replay the graph (see the module docstring). A training forward that
+        cannot says why, once per reason, unless the reason is expected (evaluation, a batch of another shape,
+        which :func:`record_layer_graphs_once` reports)."""
+        reason = self.eager_reason(hidden_states, mask_type)
+        if reason and reason not in self._reported:
+            self._reported.add(reason)
+            logger.info("a training forward runs its decoder layers eagerly, not in the CUDA graphs: %s (said once)",
+                        reason)
+        return reason is None
+
+    def eager_reason(self, hidden_states: torch.Tensor, mask_type: str) -> str | None:
+        """``None`` where the first layer's call can replay the graph; otherwise why not (``""`` where that is
+        expected: evaluation, no gradients, another batch shape, a forward that asks for per-layer outputs)."""
+        if not (self.armed and torch.is_grad_enabled() and self.calls[0].layers[0].training
+                and hidden_states.shape == self.shape):
+            return ""
+        if mask_type != "causal":
+            return "the batch has padding (an attention mask that is not plain causal)"
+        if hidden_states.dtype != self.dtype:
+            return f"hidden states of {hidden_states.dtype}, recorded for {self.dtype}"
+        if _autocast_state() != self.autocast:
+            return f"torch.autocast on CUDA is {_autocast_state()}, recorded with {self.autocast}"
+        if any(p.grad is not None for p in self.params):
+            return "the decoder parameters already hold gradients (gradient accumulation after the first micro-batch)"
         from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
         fp8 = FP8GlobalStateManager.get_fp8_recipe() if FP8GlobalStateManager.is_fp8_enabled() else None
-        return fp8 is self.recipe and all(p.grad is None for p in self.params)
+        if fp8 is not self.recipe:
+            return "another FP8 recipe or FP8 state than the one recorded"
+        return None
 
     def layer_forward(self, layer_idx: int, hidden_states: torch.Tensor, mask_type: str,
                       rotary_pos_emb: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor | None:
