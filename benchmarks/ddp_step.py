@@ -76,6 +76,8 @@ def main() -> None:
         print(json.dumps({k: row[k] for k in ("variant", "shape", "processes", "ms_per_step", "tokens_per_s",
                                               "peak_memory_gib", "graph_replays")}), flush=True)
     if world > 1:
+        del trained  # DDP's reducer goes before its process group: the other order sometimes hung at exit (gloo, CPU)
+        dist.barrier()
         dist.destroy_process_group()
 
 
