@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from te_llama.benchmark import SHAPES, environment, prepare_variant, skip_reason, timed_ms, training_step
+from te_llama.distributed import start_processes
 from te_llama.gpu_power import PowerSampler
 
 
@@ -39,15 +39,10 @@ def main() -> None:
     if (reason := skip_reason(args.variant, args.shape)) is not None:
         raise SystemExit(f"{args.variant} on shape {args.shape}: {reason}")
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:  # the CPU tests run the glue with the reference layer and gloo
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # As `te-llama finetune` starts: the process group up, each process on its GPU (on the CPU, which the tests use:
+    # gloo and the reference layer)
+    processes = start_processes(on_gpu=torch.cuda.is_available())
+    world, rank, device = processes.num_processes, processes.process_index, processes.device
     shape = SHAPES[args.shape]
     model, optimizer, _ = prepare_variant(args.variant, shape, device)
     ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device=device,
