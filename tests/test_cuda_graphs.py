@@ -1,6 +1,8 @@
 """CUDA graphs on a CPU machine: refused with a clear error; the eager layer is unchanged (the graphs
 themselves run in tests/gpu/test_cuda_graphs.py)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -44,16 +46,18 @@ def test_a_capture_failing_under_ddp_becomes_advice(monkeypatch):
             failed_capture()
 
 
-def test_kept_grad_accumulators_are_not_copied_with_the_model():
+def test_what_ddp_graphs_keep_is_not_copied_with_the_model():
     import copy
 
-    from te_llama.cuda_graphs import GradAccumulators
+    from te_llama.cuda_graphs import GraphPeers
 
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
     nodes = [torch.autograd.graph.get_gradient_edge(p).node for p in model.model.layers.parameters()]
-    model._grad_accumulators = GradAccumulators(nodes)
+    group = object()  # a process group, which cannot be copied either
+    model._graph_peers = GraphPeers(nodes, group)
     copied = copy.deepcopy(model)  # autograd nodes cannot be copied; a copy has its own parameters anyway
-    assert copied._grad_accumulators == () and len(model._grad_accumulators) == len(nodes)
+    assert copied._graph_peers.accumulators == () and copied._graph_peers.group is None
+    assert len(model._graph_peers.accumulators) == len(nodes) and model._graph_peers.group is group
 
 
 def test_layers_without_graphs_train_as_before():
@@ -79,7 +83,7 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
     recorded = []
 
-    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False):
+    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False, group=None):
         recorded.append(((batch, seq), recipe) + ((True,) if cache_weights else ()))
         return cuda_graphs.StackGraph((cuda_graphs._StackCall(layers),), torch.Size((batch, seq, hidden)), dtype,
                                       recipe, cache_weights)
@@ -167,3 +171,72 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
     assert graph.replays_done == 1 and calls == [0, 1, 2]  # eager: each layer's own output is reported
     torch.testing.assert_close(outputs.loss, expected)
     assert len({h.data_ptr() for h in outputs.hidden_states}) == len(outputs.hidden_states)
+
+
+def _vote(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: process 1's batch is padded, process 0's is not."""
+    import json
+    import logging
+
+    import torch.distributed as dist
+
+    import te_llama.cuda_graphs as cuda_graphs
+    from te_llama.distributed import host_group
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("te_llama").addHandler(handler)
+    logging.getLogger("te_llama").setLevel(logging.INFO)
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference").train()
+    group = host_group()
+    recorded = []
+
+    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False, group=None):
+        recorded.append(group is not None)
+        return cuda_graphs.StackGraph(cuda_graphs.split_stack(layers), torch.Size((batch, seq, hidden)), dtype,
+                                      recipe, cache_weights, group)
+
+    cuda_graphs.record_layer_graphs = record  # the recording itself needs TE on a GPU
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, -2:] = 1 - rank  # padding in process 1 only
+    cuda_graphs.record_layer_graphs_once(model.model, torch.Size((2, 16)), mask, None, group=group)
+    graph = model.model.layers[0].cuda_graph
+    # TE's FP8 state, which the replay conditions read last: BF16, as recorded
+    import sys
+    import types
+
+    state = types.SimpleNamespace(FP8GlobalStateManager=types.SimpleNamespace(is_fp8_enabled=lambda: False))
+    sys.modules["transformer_engine.pytorch.quantization"] = state
+    graph.armed = True
+    hidden = torch.zeros(2, 16, 64)
+    votes = [graph.replays(hidden, "padding_causal" if rank else "causal") for _ in range(2)]
+    votes.append(graph.replays(hidden, "causal"))  # a batch without padding everywhere: both replay
+    if rank == 0:  # evaluation in one process alone (a sample, a metric) never waits for the other
+        model.eval()
+        votes.append(graph.replays(hidden, "causal"))
+    Path(out, f"{rank}.json").write_text(json.dumps({"recorded": recorded, "votes": votes, "log": messages}))
+    dist.barrier(group)
+    dist.destroy_process_group()
+
+
+def test_processes_agree_on_recording_and_replaying(tmp_path):
+    """Under DDP, a process whose batch has padding runs its layers eagerly, and so must every other: replayed and
+    eager layers make different collectives (seen as a hang on two H200s). Two gloo processes on the CPU."""
+    import json
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_vote, args=(port, str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert first["recorded"] == second["recorded"] == [True]  # both record, though process 1's batch was padded
+    assert first["votes"] == [False, False, True, False] and second["votes"] == [False, False, True]
+    eager = [m for m in first["log"] if "eagerly" in m]
+    assert len(eager) == 1 and "another process runs this forward's layers eagerly" in eager[0]  # said once
+    eager = [m for m in second["log"] if "eagerly" in m]
+    assert len(eager) == 1 and "the batch has padding" in eager[0]

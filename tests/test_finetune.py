@@ -184,13 +184,6 @@ def test_torchrun_sigterm_stops_both_processes_after_one_step_and_resume_finishe
     assert summary["status"] == "completed" and summary["resumed_from"].endswith(checkpoint.name)
 
 
-def test_torchrun_refuses_cuda_graphs_before_output_is_touched(tiny_model, text_file, tmp_path):
-    run = torchrun(tiny_model, text_file, tmp_path / "run", "--max-steps", "2", "--cuda-graphs")
-    printed, _ = run.communicate(timeout=240)
-    assert run.returncode != 0 and "--cuda-graphs with several processes (2 here) is not supported yet" in printed
-    assert not (tmp_path / "run").exists()
-
-
 def test_data_parallel_copies_are_refused_with_advice():
     from te_llama.distributed import DataParallelError
 

@@ -32,10 +32,17 @@ The model records the graph at its first training forward that qualifies (see
 :meth:`te_llama.modeling.TELlamaForCausalLM.enable_cuda_graphs`), once: batches of another shape run eagerly,
 and only a change of FP8 recipe records it again.
 
-Under DDP (several processes) the graphs need the layers' gradient accumulators made on a side stream before DDP
-wraps the model (:func:`accumulate_grads_on_side_stream`); ``enable_cuda_graphs()`` does that. Plain DDP loops
-train with them as without (GPU tests); ``te-llama finetune`` still refuses them with several processes, since a
-run of the HF Trainer with them stopped making progress after 9 steps on two H200s (not yet diagnosed).
+Under DDP (several processes), ``enable_cuda_graphs()``, called before DDP wraps the model, keeps two things
+(:class:`GraphPeers`):
+
+- the layers' gradient accumulators, made on a side stream (:func:`accumulate_grads_on_side_stream`), without which
+  the backward cannot be recorded;
+- a gloo group over the processes, with which they agree on every training forward: the graphs replay only where
+  they can replay in every process, and are recorded in all of them at the same forward. Replayed and eager layers
+  make different collectives (delayed scaling's forward amax all-reduce took 42 values after an eager forward of the
+  2-layer GPU-test model and 24 after a replay), so one process with a padded batch while the other replayed left
+  both waiting for each other for good (an HF Trainer run on two H200s, after 2 steps). The vote is a host-side
+  all-reduce of one flag.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from contextlib import contextmanager
 
 import torch
 
+from te_llama.distributed import on_any_process
 from te_llama.masks import is_causal_marker
 
 logger = logging.getLogger("te_llama")
@@ -83,13 +91,15 @@ class StackGraph:
     """The decoder layers' recorded forward and backward, and the conditions under which they replay."""
 
     def __init__(self, calls: tuple[_StackCall, ...], shape: torch.Size, dtype: torch.dtype, recipe,
-                 caches_weights: bool = False):
+                 caches_weights: bool = False, group=None):
         self.calls = calls
         """The recorded parts of the stack, in order (see :func:`split_stack`)."""
         self.shape, self.dtype, self.recipe = shape, dtype, recipe
         self.caches_weights = caches_weights
         """Recorded with TE's FP8 weight caching: each replay takes ``is_first_microbatch``."""
         self.autocast = _autocast_state()
+        self.group = group
+        """Under DDP: the gloo group over the processes, which agree on each training forward's replay."""
         self.eager_shapes: set[torch.Size] = set()  # other batch shapes seen (logged once each)
         self.params = tuple(p for call in calls for p in call.parameters() if p.requires_grad)
         self.replays_done = 0
@@ -99,10 +109,14 @@ class StackGraph:
         self._reported: set[str] = set()  # reasons for eager training forwards already logged
 
     def replays(self, hidden_states: torch.Tensor, mask_type: str) -> bool:
-        """Whether the first layer's call can replay the graph (see the module docstring). A training forward that
-        cannot says why, once per reason, unless the reason is expected (evaluation, a batch of another shape,
-        which :func:`record_layer_graphs_once` reports)."""
+        """Whether the first layer's call can replay the graph (see the module docstring); under DDP, whether it
+        can in every process (they vote on every training forward). A training forward that cannot says why, once
+        per reason, unless the reason is expected (evaluation, a batch of another shape, which
+        :func:`record_layer_graphs_once` reports)."""
         reason = self.eager_reason(hidden_states, mask_type)
+        if self.group is not None and self._training_forward():
+            if on_any_process(reason is not None, self.group) and reason is None:
+                reason = "another process runs this forward's layers eagerly (its log says why)"
         if reason and reason not in self._reported:
             self._reported.add(reason)
             logger.info("a training forward runs its decoder layers eagerly, not in the CUDA graphs: %s (said once)",
@@ -112,8 +126,7 @@ class StackGraph:
     def eager_reason(self, hidden_states: torch.Tensor, mask_type: str) -> str | None:
         """``None`` where the first layer's call can replay the graph; otherwise why not (``""`` where that is
         expected: evaluation, no gradients, another batch shape, a forward that asks for per-layer outputs)."""
-        if not (self.armed and torch.is_grad_enabled() and self.calls[0].layers[0].training
-                and hidden_states.shape == self.shape):
+        if not (self._training_forward() and hidden_states.shape == self.shape):
             return ""
         if mask_type != "causal":
             return "the batch has padding (an attention mask that is not plain causal)"
@@ -129,6 +142,11 @@ class StackGraph:
         if fp8 is not self.recipe:
             return "another FP8 recipe or FP8 state than the one recorded"
         return None
+
+    def _training_forward(self) -> bool:
+        # Every process of a DDP run makes its training forwards together (DDP's backward needs them all); evaluation
+        # and no-grad forwards may run in one process alone, and never vote
+        return self.armed and torch.is_grad_enabled() and self.calls[0].layers[0].training
 
     def layer_forward(self, layer_idx: int, hidden_states: torch.Tensor, mask_type: str,
                       rotary_pos_emb: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor | None:
@@ -174,11 +192,12 @@ def split_stack(layers) -> tuple[_StackCall, ...]:
 
 
 def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_mask: torch.Tensor | None,
-                             recipe, cache_weights: bool = False) -> None:
+                             recipe, cache_weights: bool = False, group=None) -> None:
     """Record the graph of ``llama_model``'s decoder layers (a HF ``LlamaModel``) for this training batch,
     unless it exists for this FP8 recipe (``None``: BF16), dtype and FP8 weight caching (see
     :mod:`te_llama.weight_cache`): one recording serves a run, and batches of another shape run eagerly. A padded
-    batch records nothing (its layers run eagerly)."""
+    batch records nothing (its layers run eagerly). ``group``: under DDP, the processes' gloo group
+    (:class:`GraphPeers`); they all record at the first forward where any of them has a batch without padding."""
     layers = llama_model.layers
     dtype = llama_model.embed_tokens.weight.dtype
     cache_weights = cache_weights and recipe is not None
@@ -190,11 +209,14 @@ def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_ma
                         "enable_cuda_graphs() again to record for the next batch)", tuple(tokens_shape),
                         tuple(graph.shape[:2]))
         return
-    if attention_mask is not None and not is_causal_marker(attention_mask) and not bool(attention_mask.all()):
+    padded = attention_mask is not None and not is_causal_marker(attention_mask) and not bool(attention_mask.all())
+    if group is not None:  # the recording takes no batch: a process with padding records for the others' sake
+        padded = not on_any_process(not padded, group)
+    if padded:
         return
     release_layer_graphs(layers)
     graph = record_layer_graphs(layers, llama_model.rotary_emb, *tokens_shape, llama_model.config.hidden_size,
-                                dtype, recipe, cache_weights)
+                                dtype, recipe, cache_weights, group)
     for layer in layers:
         layer.cuda_graph = graph
 
@@ -210,14 +232,27 @@ def release_layer_graphs(layers) -> None:
         torch.cuda.empty_cache()
 
 
-class GradAccumulators(tuple):
-    """Autograd nodes a model keeps alive; a copied model keeps none (it makes its own)."""
+class GraphPeers:
+    """What a model trained by several processes (DDP) keeps for its CUDA graphs: its decoder parameters' gradient
+    accumulators made on a side stream (:func:`accumulate_grads_on_side_stream`), and a gloo group over the
+    processes, with which they agree on recording and replaying (:meth:`StackGraph.replays`). A copied model keeps
+    neither: it makes its own when it enables graphs (autograd nodes and process groups cannot be copied)."""
+
+    def __init__(self, accumulators=(), group=None):
+        self.accumulators, self.group = tuple(accumulators), group
+
+    @classmethod
+    def start(cls, params) -> GraphPeers:
+        """Every process must call it, at the same point, before DDP wraps the model."""
+        from te_llama.distributed import host_group
+
+        return cls(accumulate_grads_on_side_stream(params), host_group())
 
     def __deepcopy__(self, memo):
-        return GradAccumulators()
+        return GraphPeers()
 
 
-def accumulate_grads_on_side_stream(params) -> GradAccumulators:
+def accumulate_grads_on_side_stream(params) -> tuple:
     """Make each parameter's gradient accumulator (autograd's ``AccumulateGrad`` node) on a side stream, so that
     the backward graph can be recorded under DDP; returns the nodes, which the caller keeps.
 
@@ -230,15 +265,15 @@ def accumulate_grads_on_side_stream(params) -> GradAccumulators:
     """
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        return GradAccumulators(torch.autograd.graph.get_gradient_edge(p).node for p in params if p.requires_grad)
+        return tuple(torch.autograd.graph.get_gradient_edge(p).node for p in params if p.requires_grad)
 
 
 def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, dtype: torch.dtype,
-                        recipe, cache_weights: bool = False) -> StackGraph:
+                        recipe, cache_weights: bool = False, group=None) -> StackGraph:
     """Record the forward and backward graphs of ``layers`` (all of a model's decoder layers, in order) for
     ``[batch, seq]`` token batches; ``recipe`` is the TE FP8 recipe the model trains with (``None``: BF16);
     ``cache_weights``: replays may reuse the previous FP8 weight cast (:mod:`te_llama.weight_cache`; only with a
-    recipe, as :func:`record_layer_graphs_once` passes it)."""
+    recipe, as :func:`record_layer_graphs_once` passes it); ``group``: under DDP, the processes' gloo group."""
     import transformer_engine.pytorch as te
 
     layers = list(layers)
@@ -265,7 +300,7 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
                                   post_warmup_hook=_release_warmup_memory)
     torch.cuda.empty_cache()
     logger.info("recorded CUDA graphs of %d decoder layers for batches of %d x %d tokens", len(layers), batch, seq)
-    return StackGraph(calls, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights)
+    return StackGraph(calls, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights, group)
 
 
 @contextmanager

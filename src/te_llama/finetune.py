@@ -180,10 +180,6 @@ def finetune(config: FinetuneConfig) -> dict:
     processes = start_processes(on_gpu)  # before anything touches CUDA: each process on its own GPU
     main, say = processes.is_main_process, processes.print
     config = _defaults(config, on_gpu, processes.num_processes)
-    if config.cuda_graphs and processes.num_processes > 1:
-        raise FinetuneError(f"--cuda-graphs with several processes ({processes.num_processes} here) is not supported "
-                            "yet: on two H200s an HF Trainer run with them stopped making progress after 9 steps (not "
-                            "yet diagnosed; plain DDP loops with te-llama's graphs did train); drop --cuda-graphs")
     if config.cuda_graphs and not on_gpu:
         raise FinetuneError("--cuda-graphs needs a CUDA GPU with Transformer Engine (this run would use the "
                             "reference layer on the CPU); drop --cuda-graphs")

@@ -23,8 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from te_llama.backend import default_device, resolve_backend
 from te_llama.checkpoint_io import CheckpointError, weight_files, write_checkpoint
-from te_llama.cuda_graphs import (CudaGraphError, GradAccumulators, accumulate_grads_on_side_stream,
-                                  record_layer_graphs_once, release_layer_graphs)
+from te_llama.cuda_graphs import CudaGraphError, GraphPeers, record_layer_graphs_once, release_layer_graphs
 from te_llama.distributed import DATA_PARALLEL_ADVICE, DataParallelError, several_processes
 from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.layer import check_config
@@ -103,7 +102,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         self._fp8_recipe = None
         self.cuda_graphs = False
         """Whether training steps replay the decoder layers as CUDA graphs (:meth:`enable_cuda_graphs`)."""
-        self._grad_accumulators = GradAccumulators()  # kept for DDP (cuda_graphs.accumulate_grads_on_side_stream)
+        self._graph_peers = GraphPeers()  # CUDA graphs under DDP (cuda_graphs.GraphPeers)
         self.cache_fp8_weights = os.environ.get("TE_LLAMA_FP8_WEIGHT_CACHE", "0") == "1"
         """``True`` (or ``TE_LLAMA_FP8_WEIGHT_CACHE=1``): FP8 training forwards cast the decoder weights once per
         weight update and reuse the cast until the weights change (gradient accumulation, passes without optimizer
@@ -235,7 +234,8 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             # even where every forward follows an optimizer step, a byte more per weight than TE's plain cast.
             record_layer_graphs_once(self.model, tokens.shape, kwargs.get("attention_mask"),
                                      self._fp8_recipe if fp8 else None,
-                                     cache_weights=caches and self._weight_cache().keeps_casts(self._fp8_recipe))
+                                     cache_weights=caches and self._weight_cache().keeps_casts(self._fp8_recipe),
+                                     group=self._graph_peers.group)
             graph = self.model.layers[0].cuda_graph
         if graph is not None:  # the graph computes all layers at the first: no per-layer outputs to report
             graph.armed = not any(kwargs.get(key, getattr(self.config, key, False))
@@ -285,11 +285,10 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         micro-batch) run eagerly as before; see :mod:`te_llama.cuda_graphs`. Calling this again records anew at the
         next training forward. Gradient checkpointing cannot be combined with them.
 
-        Under DDP (several processes), call it after ``torch.distributed.init_process_group()`` and before wrapping
-        the model in ``DistributedDataParallel``: it makes the decoder parameters' gradient accumulators on a side
-        stream, which recording the graphs needs (see :func:`te_llama.cuda_graphs.accumulate_grads_on_side_stream`).
-        This is new: plain DDP loops trained with the graphs in GPU tests, but a run of the HF Trainer with them
-        stopped making progress after 9 steps (not yet diagnosed), so ``te-llama finetune`` refuses them there.
+        Under DDP (several processes), every process calls it after ``torch.distributed.init_process_group()`` and
+        before wrapping the model in ``DistributedDataParallel``: it makes the decoder parameters' gradient
+        accumulators on a side stream, which recording the graphs needs, and a gloo group with which the processes
+        agree on every training forward whether to replay (see :class:`te_llama.cuda_graphs.GraphPeers`).
         """
         if self.te_backend != "te":
             raise CudaGraphError("CUDA graphs need the Transformer Engine backend on a CUDA GPU; this model runs "
@@ -298,10 +297,8 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             raise CudaGraphError("gradient checkpointing is on: it recomputes the forward during the backward "
                                  "pass, which a recorded graph cannot; turn one of them off")
         release_layer_graphs(self.model.layers)
-        if several_processes() and not self._grad_accumulators:
-            logger.warning("CUDA graphs with several processes are new: plain DDP loops trained with them in GPU "
-                           "tests, but an HF Trainer run stopped making progress after 9 steps (not yet diagnosed)")
-            self._grad_accumulators = accumulate_grads_on_side_stream(self.model.layers.parameters())
+        if several_processes() and self._graph_peers.group is None:
+            self._graph_peers = GraphPeers.start(self.model.layers.parameters())
         self.cuda_graphs = True
         return self
 

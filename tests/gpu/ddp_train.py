@@ -4,12 +4,13 @@ heart, and report what the multi-GPU test compares: the losses averaged over the
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/gpu/ddp_train.py --fp8 delayed --out DIR
     python tests/gpu/ddp_train.py --fp8 delayed --out DIR          # the same global batches in one process
+
+``--pad-steps 0,3``: at those steps the last process's batch has padding (its layers cannot replay CUDA graphs).
 """
 
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import small_llama  # noqa: E402
 
+from te_llama.distributed import start_processes  # noqa: E402
 from te_llama.training import fp8_state  # noqa: E402
 
 
@@ -34,16 +36,15 @@ def main() -> None:
     parser.add_argument("--fp8", default="delayed")
     parser.add_argument("--graphs", action="store_true")
     parser.add_argument("--graphs-after-ddp", action="store_true", help="enable the graphs once DDP wrapped the model")
+    parser.add_argument("--pad-steps", default="", help="steps (e.g. 0,3) at which the last process's batch has "
+                        "padding and the others' have none")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1:
-        dist.init_process_group("nccl")
+    processes = start_processes(on_gpu=True)  # as te-llama finetune starts
+    world, rank = processes.num_processes, processes.process_index
     model = small_llama.model(fp8=None if args.fp8 == "off" else args.fp8, graphs=args.graphs)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if args.graphs_after_ddp:
@@ -51,9 +52,13 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     share = args.global_batch // world
     ids = small_llama.batch(0, size=args.global_batch)[rank * share:(rank + 1) * share]
+    pad_steps = {int(step) for step in args.pad_steps.split(",") if step}
     losses, first_grads = [], None
     for step in range(args.steps):
-        loss = trained(input_ids=ids, labels=ids).loss
+        mask = torch.ones_like(ids)
+        if step in pad_steps and rank == world - 1:
+            mask[0, -16:] = 0
+        loss = trained(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         if step == 0:
             first_grads = {name: p.grad.float().cpu() for name, p in model.named_parameters()}
@@ -77,7 +82,9 @@ def main() -> None:
         (out / "result.json").write_text(json.dumps({"world": world, "losses": losses, "processes": everyone,
                                                      "recipe": model.fp8_recipe_name,
                                                      "graph_replays": model.cuda_graph_replays()}, indent=1))
-    if world > 1:
+    if world > 1:  # DDP goes before its process group (the other order could hang at exit, seen with gloo)
+        del trained
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """Two GPUs: DDP training in FP8 keeps the processes identical and trains as one GPU does on the same global batch,
-``te-llama finetune`` runs under ``torchrun``, CUDA graphs in a plain DDP loop compute what eager DDP does;
+``te-llama finetune`` runs under ``torchrun`` (with and without CUDA graphs), CUDA graphs in a plain DDP loop
+compute what eager DDP does, also where one process's batch has padding;
 ``nn.DataParallel`` is refused with advice.
 Skipped on a machine with one GPU."""
 
@@ -70,6 +71,21 @@ def test_ddp_with_cuda_graphs_trains_as_eager_ddp(tmp_path, record, recipe):
     assert loss_gap < 1e-3 and worst < 1e-2  # the graphs compute what eager DDP computes
 
 
+def test_ddp_with_cuda_graphs_and_padding_in_one_process_trains_as_eager_ddp(tmp_path, record):
+    """At steps 0 and 3 the second process's batch has padding: both processes run those steps eagerly (replayed and
+    eager layers make different collectives; the HF Trainer hung on it) and record the graphs at step 0."""
+    graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", "delayed", "--graphs", "--pad-steps", "0,3")
+    eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", "delayed", "--pad-steps", "0,3")
+    first, second = graphs["processes"]
+    loss_gap = max(abs(a - b) / b for a, b in zip(graphs["losses"], eager["losses"]))
+    worst = max(small_llama.rel(graphs_grads[name], eager_grads[name]) for name in eager_grads)
+    record(test="ddp_graphs_padding", losses_graphs=graphs["losses"], losses_eager=eager["losses"],
+           worst_loss_gap=loss_gap, worst_first_grad_rel=worst, replays=graphs["graph_replays"])
+    assert graphs["graph_replays"] == len(graphs["losses"]) - 2  # all steps but the two with padding somewhere
+    assert first["weights"] == second["weights"] and first["fp8_state"] == second["fp8_state"]
+    assert loss_gap < 1e-3 and worst < 1e-2
+
+
 def test_cuda_graphs_enabled_after_ddp_wrapped_the_model_give_advice(tmp_path):
     result = launch(tmp_path, "late", TORCHRUN, "--fp8", "delayed", "--graphs-after-ddp")
     assert result.returncode != 0
@@ -106,19 +122,22 @@ def small_checkpoint(tmp_path):
     return directory
 
 
-def test_finetune_under_torchrun_on_two_gpus(small_checkpoint, tmp_path, record):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_finetune_under_torchrun_on_two_gpus(small_checkpoint, tmp_path, record, graphs):
     out = tmp_path / "run"
     command = [*TORCHRUN, "-m", "te_llama", "finetune", "--model", str(small_checkpoint), "--data",
                str(ROOT / "README.md"), "--output", str(out), "--fp8", "delayed", "--seq-len", "128",
                "--batch-tokens", "1024", "--max-steps", "40", "--learning-rate", "1e-3", "--max-eval-blocks", "4",
-               "--sample-tokens", "8"]
+               "--sample-tokens", "8"] + (["--cuda-graphs"] if graphs else [])
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=400)
     errors = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
     assert result.returncode == 0, "\n".join(errors[:20]) + result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    record(test="finetune_torchrun", device=summary["device"], tokens=summary["tokens"],
-           tokens_per_s=summary["tokens_per_s"],
+    record(test="finetune_torchrun", graphs=graphs, device=summary["device"], tokens=summary["tokens"],
+           tokens_per_s=summary["tokens_per_s"], replays=summary["cuda_graph_replays"],
            perplexity=(summary["eval_perplexity_before"], summary["eval_perplexity_after"]))
+    if graphs:  # the data's last, padded block made a few steps eager in both processes (it hung them before)
+        assert 30 <= summary["cuda_graph_replays"] < 40
     assert result.stdout.count("te-llama finetune:") == 1 and result.stdout.count("saved HF checkpoint") == 1
     assert summary["processes"] == 2 and summary["fp8_recipe"] == "delayed" and summary["steps"] == 40
     assert summary["tokens"] == 40 * 1024  # --batch-tokens is the step's, shared by the two processes
