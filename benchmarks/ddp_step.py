@@ -7,7 +7,8 @@ Each process builds the variant's model as ``te-llama bench`` does (``te_llama.b
 ``_graphs`` variant enables CUDA graphs before DDP wraps the model), trains on a batch of the shape's size of its
 own, and DDP averages the gradients. Steps are timed as the suite times them (CUDA events, a wait for the GPU after
 each step), and process 0 appends one JSON line to ``--out``: the median ms per step over the processes' slowest,
-tokens per second over all processes, peak memory, the SM clock and power of its GPU.
+tokens per second over all processes, peak memory, the last step's loss averaged over the processes (to compare
+eager and graphed variants, which start from the same weights and tokens), the SM clock and power of its GPU.
 
 Why it exists: with CUDA graphs, the decoder layers' backward is one graph, so their gradients reach DDP only when
 the whole stack's backward is done, and DDP cannot overlap their all-reduce with it as it does eagerly.
@@ -54,8 +55,13 @@ def main() -> None:
     for _ in range(args.warmup):
         training_step(trained, ids, optimizer)
     with PowerSampler() as power:
-        times = [timed_ms(lambda: training_step(trained, ids, optimizer), device.type)[0] for _ in range(args.steps)]
-    ms = torch.tensor(times, device=device)
+        timed = [timed_ms(lambda: training_step(trained, ids, optimizer), device.type) for _ in range(args.steps)]
+    ms = torch.tensor([step_ms for step_ms, _ in timed], device=device)
+    # The last step's loss, averaged over the processes (gloo has no average op)
+    loss = timed[-1][1].detach().float()
+    if world > 1:
+        dist.all_reduce(loss)
+    loss = loss / world
     if world > 1:  # a step lasts as long as its slowest process
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)
     median = statistics.median(ms.tolist())
@@ -64,12 +70,13 @@ def main() -> None:
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
            "graph_replays": model.cuda_graph_replays() if hasattr(model, "cuda_graph_replays") else None,
+           "final_loss": loss.item(),
            "gpu_power": power.summary(), **environment()}
     if rank == 0:
         with Path(args.out).open("a") as file:
             file.write(json.dumps(row) + "\n")
         print(json.dumps({k: row[k] for k in ("variant", "shape", "processes", "ms_per_step", "tokens_per_s",
-                                              "peak_memory_gib", "graph_replays")}), flush=True)
+                                              "peak_memory_gib", "graph_replays", "final_loss")}), flush=True)
     if world > 1:
         del trained  # DDP's reducer goes before its process group: the other order sometimes hung at exit (gloo, CPU)
         dist.barrier()

@@ -1,10 +1,13 @@
 """``benchmarks/ddp_step.py`` (steps under DDP) on the CPU: two gloo processes run the tiny shape and write one row."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from te_llama.benchmark import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "ddp_step.py"
@@ -26,6 +29,8 @@ def test_two_processes_write_one_row_for_the_step(tmp_path):
     assert row["processes"] == 2 and row["variant"] == "te_bf16" and row["ms_per_step"] > 0
     assert row["tokens_per_s"] == 2 * 2 * 64 / row["ms_per_step"] * 1000  # both processes' tokens (tiny: 2 x 64)
     assert row["gpu"] == "cpu" and row["versions"]["torch"]
+    # random tokens barely learnt in 4 steps: each process's loss is about ln(vocab), and so is their average
+    assert abs(row["final_loss"] - math.log(SHAPES["tiny"].config["vocab_size"])) < 0.5
 
 
 def test_a_variant_that_needs_a_gpu_is_refused_by_name(tmp_path):
