@@ -216,7 +216,20 @@ def _vote(rank: int, port: int, out: str) -> None:
     if rank == 0:  # evaluation in one process alone (a sample, a metric) never waits for the other
         model.eval()
         votes.append(graph.replays(hidden, "causal"))
-    Path(out, f"{rank}.json").write_text(json.dumps({"recorded": recorded, "votes": votes, "log": messages}))
+    # A training forward in process 0 alone: its vote times out (here after 2 s) with advice
+    import datetime
+
+    alone = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
+    graph.group = alone
+    model.train()
+    error = ""
+    if rank == 0:
+        try:
+            graph.replays(hidden, "causal")
+        except cuda_graphs.CudaGraphError as raised:
+            error = str(raised)
+    Path(out, f"{rank}.json").write_text(json.dumps({"recorded": recorded, "votes": votes, "log": messages,
+                                                     "error": error}))
     dist.barrier(group)
     dist.destroy_process_group()
 
@@ -240,3 +253,4 @@ def test_processes_agree_on_recording_and_replaying(tmp_path):
     assert len(eager) == 1 and "another process runs this forward's layers eagerly" in eager[0]  # said once
     eager = [m for m in second["log"] if "eagerly" in m]
     assert len(eager) == 1 and "the batch has padding" in eager[0]
+    assert "every process must make each training forward" in first["error"] and second["error"] == ""

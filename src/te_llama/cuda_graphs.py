@@ -115,7 +115,7 @@ class StackGraph:
         :func:`record_layer_graphs_once` reports)."""
         reason = self.eager_reason(hidden_states, mask_type)
         if self.group is not None and self._training_forward():
-            if on_any_process(reason is not None, self.group) and reason is None:
+            if _on_any_process(reason is not None, self.group) and reason is None:
                 reason = "another process runs this forward's layers eagerly (its log says why)"
         if reason and reason not in self._reported:
             self._reported.add(reason)
@@ -211,7 +211,7 @@ def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_ma
         return
     padded = attention_mask is not None and not is_causal_marker(attention_mask) and not bool(attention_mask.all())
     if group is not None:  # the recording takes no batch: a process with padding records for the others' sake
-        padded = not on_any_process(not padded, group)
+        padded = not _on_any_process(not padded, group)
     if padded:
         return
     release_layer_graphs(layers)
@@ -230,6 +230,19 @@ def release_layer_graphs(layers) -> None:
         layer.cuda_graph = None
     if graphs:
         torch.cuda.empty_cache()
+
+
+def _on_any_process(flag: bool, group) -> bool:
+    """The processes' vote (:func:`te_llama.distributed.on_any_process`); a vote that fails or times out (one process
+    waiting for the others for the group's timeout) becomes advice."""
+    try:
+        return on_any_process(flag, group)
+    except RuntimeError as error:  # torch.distributed.DistBackendError is one
+        raise CudaGraphError(
+            "the processes' vote on replaying the CUDA graphs failed or timed out. Under DDP every process must make "
+            "each training forward (with gradients) of a model with CUDA graphs, together, as DDP's backward needs; "
+            "run a forward of one process alone under torch.no_grad() or in eval mode, or call "
+            "model.disable_cuda_graphs() first") from error
 
 
 class GraphPeers:
