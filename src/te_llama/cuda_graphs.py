@@ -54,7 +54,7 @@ from contextlib import contextmanager
 
 import torch
 
-from te_llama.distributed import on_any_process
+from te_llama.distributed import host_group, on_any_process
 from te_llama.masks import is_causal_marker
 
 logger = logging.getLogger("te_llama")
@@ -239,7 +239,7 @@ def _on_any_process(flag: bool, group) -> bool:
         return on_any_process(flag, group)
     except RuntimeError as error:  # torch.distributed.DistBackendError is one
         raise CudaGraphError(
-            "the processes' vote on replaying the CUDA graphs failed or timed out. Under DDP every process must make "
+            "the processes' vote on recording or replaying the CUDA graphs failed or timed out. Under DDP every process must make "
             "each training forward (with gradients) of a model with CUDA graphs, together, as DDP's backward needs; "
             "run a forward of one process alone under torch.no_grad() or in eval mode, or call "
             "model.disable_cuda_graphs() first") from error
@@ -257,8 +257,6 @@ class GraphPeers:
     @classmethod
     def start(cls, params) -> GraphPeers:
         """Every process must call it, at the same point, before DDP wraps the model."""
-        from te_llama.distributed import host_group
-
         return cls(accumulate_grads_on_side_stream(params), host_group())
 
     def __deepcopy__(self, memo):
