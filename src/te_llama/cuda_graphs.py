@@ -239,8 +239,9 @@ def _on_any_process(flag: bool, group) -> bool:
         return on_any_process(flag, group)
     except RuntimeError as error:  # torch.distributed.DistBackendError is one
         raise CudaGraphError(
-            "the processes' vote on recording or replaying the CUDA graphs failed or timed out. Under DDP every process must make "
-            "each training forward (with gradients) of a model with CUDA graphs, together, as DDP's backward needs; "
+            "the processes' vote on recording or replaying the CUDA graphs failed or timed out. Under DDP every "
+            "process must make each training forward (with gradients) of a model with CUDA graphs, together, as DDP's "
+            "backward needs; "
             "run a forward of one process alone under torch.no_grad() or in eval mode, or call "
             "model.disable_cuda_graphs() first") from error
 
