@@ -57,20 +57,17 @@ def main() -> None:
     with PowerSampler() as power:
         timed = [timed_ms(lambda: training_step(trained, ids, optimizer), device.type) for _ in range(args.steps)]
     ms = torch.tensor([step_ms for step_ms, _ in timed], device=device)
-    # The last step's loss, averaged over the processes (gloo has no average op)
-    loss = timed[-1][1].detach().float()
-    if world > 1:
-        dist.all_reduce(loss)
-    loss = loss / world
-    if world > 1:  # a step lasts as long as its slowest process
+    loss = timed[-1][1].detach().float()  # the last step's, averaged over the processes below
+    if world > 1:  # a step lasts as long as its slowest process; gloo has no average op, so the loss is summed
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+        dist.all_reduce(loss)
     median = statistics.median(ms.tolist())
     row = {"variant": args.variant, "shape": args.shape, "processes": world, "ms_per_step": median,
            "tokens_per_s": world * shape.batch * shape.seq / median * 1000,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
            "graph_replays": model.cuda_graph_replays() if hasattr(model, "cuda_graph_replays") else None,
-           "final_loss": loss.item(),
+           "final_loss": loss.item() / world,
            "gpu_power": power.summary(), **environment()}
     if rank == 0:
         with Path(args.out).open("a") as file:

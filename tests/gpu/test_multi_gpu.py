@@ -56,34 +56,26 @@ def test_ddp_keeps_processes_identical_and_trains_as_one_gpu(tmp_path, record, r
         assert worst < 0.02
 
 
-@pytest.mark.parametrize("recipe", ["off", "delayed"])
-def test_ddp_with_cuda_graphs_trains_as_eager_ddp(tmp_path, record, recipe):
-    graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", recipe, "--graphs")
-    eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", recipe)
+@pytest.mark.parametrize("recipe,pad_steps", [("off", ""), ("delayed", ""), ("delayed", "0,3")],
+                         ids=["off", "delayed", "delayed-padding"])
+def test_ddp_with_cuda_graphs_trains_as_eager_ddp(tmp_path, record, recipe, pad_steps):
+    """``pad_steps``: at steps 0 and 3 the second process's batch has padding, so both processes run those steps
+    eagerly (replayed and eager layers make different collectives; the HF Trainer hung on it) and record the graphs
+    at step 0."""
+    padding = ["--pad-steps", pad_steps] if pad_steps else []
+    graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", recipe, "--graphs", *padding)
+    eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", recipe, *padding)
     first, second = graphs["processes"]
     loss_gap = max(abs(a - b) / b for a, b in zip(graphs["losses"], eager["losses"]))
     worst = max(small_llama.rel(graphs_grads[name], eager_grads[name]) for name in eager_grads)
-    record(test="ddp_graphs", recipe=recipe, losses_graphs=graphs["losses"], losses_eager=eager["losses"],
-           worst_loss_gap=loss_gap, worst_first_grad_rel=worst, replays=graphs["graph_replays"],
+    record(test="ddp_graphs", recipe=recipe, pad_steps=pad_steps, losses_graphs=graphs["losses"],
+           losses_eager=eager["losses"], worst_loss_gap=loss_gap, worst_first_grad_rel=worst,
+           replays=graphs["graph_replays"],
            same_weights_as_eager=graphs["processes"][0]["weights"] == eager["processes"][0]["weights"])
-    assert graphs["graph_replays"] == len(graphs["losses"])  # every step replayed the recorded layers
+    padded = len(pad_steps.split(",")) if pad_steps else 0
+    assert graphs["graph_replays"] == len(graphs["losses"]) - padded  # every step without padding anywhere replayed
     assert first["weights"] == second["weights"] and first["fp8_state"] == second["fp8_state"]
     assert loss_gap < 1e-3 and worst < 1e-2  # the graphs compute what eager DDP computes
-
-
-def test_ddp_with_cuda_graphs_and_padding_in_one_process_trains_as_eager_ddp(tmp_path, record):
-    """At steps 0 and 3 the second process's batch has padding: both processes run those steps eagerly (replayed and
-    eager layers make different collectives; the HF Trainer hung on it) and record the graphs at step 0."""
-    graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", "delayed", "--graphs", "--pad-steps", "0,3")
-    eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", "delayed", "--pad-steps", "0,3")
-    first, second = graphs["processes"]
-    loss_gap = max(abs(a - b) / b for a, b in zip(graphs["losses"], eager["losses"]))
-    worst = max(small_llama.rel(graphs_grads[name], eager_grads[name]) for name in eager_grads)
-    record(test="ddp_graphs_padding", losses_graphs=graphs["losses"], losses_eager=eager["losses"],
-           worst_loss_gap=loss_gap, worst_first_grad_rel=worst, replays=graphs["graph_replays"])
-    assert graphs["graph_replays"] == len(graphs["losses"]) - 2  # all steps but the two with padding somewhere
-    assert first["weights"] == second["weights"] and first["fp8_state"] == second["fp8_state"]
-    assert loss_gap < 1e-3 and worst < 1e-2
 
 
 def test_cuda_graphs_enabled_after_ddp_wrapped_the_model_give_advice(tmp_path):
