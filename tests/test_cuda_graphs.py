@@ -154,6 +154,9 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
     parts = cuda_graphs.split_stack(layers)  # recorded as two graphs: the first layer, then the others
     assert [[layer.layer_idx for layer in part.layers] for part in parts] == [[0], [1, 2]]
     assert [len(part.layers) for part in cuda_graphs.split_stack(layers[:1])] == [1]
+    eight = [torch.nn.Linear(1, 1) for _ in range(8)]  # under DDP the others in DDP_PARTS graphs
+    assert [[eight.index(layer) for layer in part.layers] for part in cuda_graphs.split_stack(eight, ddp=True)] \
+        == [[0], [1, 2], [3, 4], [5, 6], [7]]
     graph = cuda_graphs.StackGraph(parts, torch.Size((2, 16, 64)), torch.float32, None)
     monkeypatch.setattr(cuda_graphs.StackGraph, "replays", lambda self, hidden, mask_type: self.armed)
     monkeypatch.setattr("te_llama.modeling.record_layer_graphs_once", lambda *args, **kwargs: None)  # "recorded" above

@@ -43,6 +43,12 @@ Under DDP (several processes), ``enable_cuda_graphs()``, called before DDP wraps
   2-layer GPU-test model and 24 after a replay), so one process with a padded batch while the other replayed left
   both waiting for each other for good (an HF Trainer run on two H200s, after 2 steps). The vote is a host-side
   all-reduce of one flag.
+
+Under DDP the layers after the first are recorded in :data:`DDP_PARTS` graphs instead of one, so that DDP can
+all-reduce the gradients of the last parts while the backward of the earlier ones runs. On two H200s (FP8 delayed,
+one machine, ``benchmarks/ddp_step.py``): shape A 167.0 / 166.8 ms a step with 4 parts, 170.6 with one, 168.9
+eager; shape C 98.4 with 4 parts, 108.5 with one, 117.5 eager. Losses and gradients equal eager DDP's bit for bit
+(a 6-layer model in 4 graphs, ``tests/gpu/test_multi_gpu.py``).
 """
 
 from __future__ import annotations
@@ -176,7 +182,11 @@ class StackGraph:
         return None
 
 
-def split_stack(layers) -> tuple[_StackCall, ...]:
+DDP_PARTS = 4
+"""Under DDP, the layers after the first are recorded in this many graphs (see :func:`split_stack`)."""
+
+
+def split_stack(layers, ddp: bool = False) -> tuple[_StackCall, ...]:
     """The parts the stack is recorded in: the first layer alone, then the others.
 
     Launching a graph costs the host time in proportion to its kernels (1.5-2.5 ms for Llama-3-8B's 32 layers on
@@ -184,11 +194,16 @@ def split_stack(layers) -> tuple[_StackCall, ...]:
     all of it. The first layer's graph launches in about 0.1 ms and keeps the GPU busy while the host launches
     the rest. Costs a few more hidden-state-sized buffers (0.1 GiB reserved for Llama-3-8B at 4,096 tokens) and
     a copy of the first layer's output per step.
+
+    ``ddp``: the others in :data:`DDP_PARTS` graphs, so that DDP gets each part's gradients when its backward ends
+    and all-reduces them while the earlier parts' backward runs.
     """
     layers = list(layers)
     if len(layers) < 2:
         return (_StackCall(layers),)
-    return _StackCall(layers[:1]), _StackCall(layers[1:])
+    rest = layers[1:]
+    size = -(-len(rest) // DDP_PARTS) if ddp else len(rest)
+    return (_StackCall(layers[:1]),) + tuple(_StackCall(rest[i:i + size]) for i in range(0, len(rest), size))
 
 
 def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_mask: torch.Tensor | None,
@@ -294,7 +309,7 @@ def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, d
     device = next(layers[0].parameters()).device
     positions = torch.arange(seq, device=device)[None]
     _, angles = rotary_emb(torch.empty(0, device=device), positions).te_inputs(None, batch)
-    calls = split_stack(layers)
+    calls = split_stack(layers, ddp=group is not None)
     for call in calls:
         call.caches_weights = cache_weights
     samples = tuple((torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True),)

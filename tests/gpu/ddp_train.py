@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--graphs-after-ddp", action="store_true", help="enable the graphs once DDP wrapped the model")
     parser.add_argument("--pad-steps", default="", help="steps (e.g. 0,3) at which the last process's batch has "
                         "padding and the others' have none")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (under DDP, more than 2 record the "
+                        "stack in more than two graphs)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--out", required=True)
@@ -45,7 +47,8 @@ def main() -> None:
 
     processes = start_processes(on_gpu=True)  # as te-llama finetune starts
     world, rank = processes.num_processes, processes.process_index
-    model = small_llama.model(fp8=None if args.fp8 == "off" else args.fp8, graphs=args.graphs)
+    model = small_llama.model(fp8=None if args.fp8 == "off" else args.fp8, graphs=args.graphs,
+                              num_hidden_layers=args.layers)
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if args.graphs_after_ddp:
         model.enable_cuda_graphs()

@@ -56,19 +56,20 @@ def test_ddp_keeps_processes_identical_and_trains_as_one_gpu(tmp_path, record, r
         assert worst < 0.02
 
 
-@pytest.mark.parametrize("recipe,pad_steps", [("off", ""), ("delayed", ""), ("delayed", "0,3")],
-                         ids=["off", "delayed", "delayed-padding"])
-def test_ddp_with_cuda_graphs_trains_as_eager_ddp(tmp_path, record, recipe, pad_steps):
+@pytest.mark.parametrize("recipe,pad_steps,layers", [("off", "", 2), ("delayed", "", 2), ("delayed", "0,3", 2),
+                                                     ("delayed", "", 6)],
+                         ids=["off", "delayed", "delayed-padding", "delayed-6-layers"])
+def test_ddp_with_cuda_graphs_trains_as_eager_ddp(tmp_path, record, recipe, pad_steps, layers):
     """``pad_steps``: at steps 0 and 3 the second process's batch has padding, so both processes run those steps
     eagerly (replayed and eager layers make different collectives; the HF Trainer hung on it) and record the graphs
-    at step 0."""
-    padding = ["--pad-steps", pad_steps] if pad_steps else []
-    graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", recipe, "--graphs", *padding)
-    eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", recipe, *padding)
+    at step 0. With 6 layers the stack is recorded in 4 graphs under DDP (cuda_graphs.split_stack), with 2 in 2."""
+    flags = ["--layers", str(layers)] + (["--pad-steps", pad_steps] if pad_steps else [])
+    graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", recipe, "--graphs", *flags)
+    eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", recipe, *flags)
     first, second = graphs["processes"]
     loss_gap = max(abs(a - b) / b for a, b in zip(graphs["losses"], eager["losses"]))
     worst = max(small_llama.rel(graphs_grads[name], eager_grads[name]) for name in eager_grads)
-    record(test="ddp_graphs", recipe=recipe, pad_steps=pad_steps, losses_graphs=graphs["losses"],
+    record(test="ddp_graphs", recipe=recipe, pad_steps=pad_steps, layers=layers, losses_graphs=graphs["losses"],
            losses_eager=eager["losses"], worst_loss_gap=loss_gap, worst_first_grad_rel=worst,
            replays=graphs["graph_replays"],
            same_weights_as_eager=graphs["processes"][0]["weights"] == eager["processes"][0]["weights"])
