@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from te_llama.benchmark import SHAPES, environment, prepare_variant, skip_reason, timed_ms, training_step
-from te_llama.distributed import start_processes
+from te_llama.distributed import DDP_OPTIONS, start_processes
 from te_llama.gpu_power import PowerSampler
 
 
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--torch-ddp-defaults", action="store_true",
+                        help="wrap the model in DDP with PyTorch's default options instead of te-llama's "
+                        "(te_llama.distributed.DDP_OPTIONS), to compare the two")
     args = parser.parse_args()
     if (reason := skip_reason(args.variant, args.shape)) is not None:
         raise SystemExit(f"{args.variant} on shape {args.shape}: {reason}")
@@ -48,7 +51,8 @@ def main() -> None:
     model, optimizer, _ = prepare_variant(args.variant, shape, device)
     ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device=device,
                         generator=torch.Generator(device).manual_seed(rank))  # each process its own tokens
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_options = {} if args.torch_ddp_defaults else DDP_OPTIONS
+    trained = torch.nn.parallel.DistributedDataParallel(model, **ddp_options) if world > 1 else model
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -62,7 +66,8 @@ def main() -> None:
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)
         dist.all_reduce(loss)
     median = statistics.median(ms.tolist())
-    row = {"variant": args.variant, "shape": args.shape, "processes": world, "ms_per_step": median,
+    row = {"variant": args.variant, "shape": args.shape, "processes": world, "ddp_options": ddp_options,
+           "ms_per_step": median,
            "tokens_per_s": world * shape.batch * shape.seq / median * 1000,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
@@ -72,8 +77,9 @@ def main() -> None:
     if rank == 0:
         with Path(args.out).open("a") as file:
             file.write(json.dumps(row) + "\n")
-        print(json.dumps({k: row[k] for k in ("variant", "shape", "processes", "ms_per_step", "tokens_per_s",
-                                              "peak_memory_gib", "graph_replays", "final_loss")}), flush=True)
+        print(json.dumps({k: row[k] for k in ("variant", "shape", "processes", "ddp_options", "ms_per_step",
+                                              "tokens_per_s", "peak_memory_gib", "peak_reserved_gib", "graph_replays",
+                                              "final_loss")}), flush=True)
     if world > 1:
         del trained  # DDP's reducer goes before its process group: the other order sometimes hung at exit (gloo, CPU)
         dist.barrier()

@@ -31,6 +31,21 @@ def test_two_processes_write_one_row_for_the_step(tmp_path):
     assert row["gpu"] == "cpu" and row["versions"]["torch"]
     # random tokens barely learnt in 4 steps: each process's loss is about ln(vocab), and so is their average
     assert abs(row["final_loss"] - math.log(SHAPES["tiny"].config["vocab_size"])) < 0.5
+    assert row["ddp_options"] == {"gradient_as_bucket_view": True}  # te-llama's DDP options
+
+
+def test_gradients_as_bucket_views_train_as_torchs_default_ddp(tmp_path):
+    """te-llama's DDP option (gradients as views into the all-reduce buckets) changes where gradients live, not
+    their values: the same steps end at the same loss, bit for bit."""
+    rows = []
+    for options in ([], ["--torch-ddp-defaults"]):
+        out = tmp_path / f"rows{len(rows)}.jsonl"
+        result = run("--variant", "te_bf16", "--shape", "tiny", "--steps", "3", "--warmup", "2", "--out", str(out),
+                     *options)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows.append(json.loads(out.read_text()))
+    assert [row["ddp_options"] for row in rows] == [{"gradient_as_bucket_view": True}, {}]
+    assert rows[0]["final_loss"] == rows[1]["final_loss"]
 
 
 def test_a_variant_that_needs_a_gpu_is_refused_by_name(tmp_path):

@@ -152,6 +152,7 @@ def test_torchrun_shares_each_batch_and_one_process_prints_and_writes(tiny_model
     printed, _ = torchrun(tiny_model, text_file, out, "--max-steps", "4", "--save-every", "2").communicate(timeout=240)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["processes"] == 2 and summary["steps"] == 4
+    assert summary["ddp"] == {"gradient_as_bucket_view": True}  # the Trainer's DDP holds the gradients once
     assert summary["tokens"] == 4 * 128  # --batch-tokens is the optimizer step's, not each process's
     assert "4 steps of 2 x 64 tokens, 1 x 64 per process" in printed
     for line in ("te-llama finetune:", "eval perplexity before", "saved HF checkpoint", "summary:"):

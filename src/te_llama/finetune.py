@@ -28,7 +28,7 @@ from te_llama.assets import english_text, smollm2_checkpoint, wiki_articles
 from te_llama.backend import resolve_backend, working_dtype
 from te_llama.checkpoint_io import CheckpointError, weight_files
 from te_llama.data import Example, read_examples, split_blocks, tokenize_and_pack
-from te_llama.distributed import start_processes, wait_for_everyone
+from te_llama.distributed import start_processes, use_ddp_options, wait_for_everyone
 from te_llama.evaluate import perplexity
 from te_llama.fp8 import describe, parse_fp8
 from te_llama.generation import generate_text
@@ -165,6 +165,13 @@ def _optimizer(args: TrainingArguments, on_gpu: bool) -> tuple[type, dict] | Non
     return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
+def _ddp_options(model) -> dict | None:
+    """The options DDP trained with (``None`` in a single process, where the Trainer does not wrap the model)."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    return {"gradient_as_bucket_view": model.gradient_as_bucket_view}
+
+
 def _tensorboard_available() -> bool:
     import importlib.util
 
@@ -238,6 +245,7 @@ def finetune(config: FinetuneConfig) -> dict:
     trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=_optimizer(args, on_gpu),
                       train_dataset=train_blocks, eval_dataset=eval_blocks, data_collator=default_data_collator,
                       callbacks=[FP8StateCallback(), CheckpointCompleteCallback(), stopper])
+    use_ddp_options(trainer)  # gradients as views into DDP's buckets: held once (te_llama.distributed.DDP_OPTIONS)
     trainer.callback_handler.callbacks.insert(0, LogExtrasCallback())  # before the printer sees the logs
     resume_from = last_complete_checkpoint(out / "checkpoints") if config.resume else None
     if config.resume and resume_from is None:
@@ -253,7 +261,7 @@ def finetune(config: FinetuneConfig) -> dict:
     summary = {
         "status": "interrupted" if stopper.stopped else "completed",
         "model": str(model_dir), "data": data_name, "output": str(out), "backend": backend, "device": device,
-        "processes": processes.num_processes,
+        "processes": processes.num_processes, "ddp": _ddp_options(trainer.model_wrapped),
         "precision": precision, "fp8_recipe": model.fp8_recipe_name, "steps": trainer.state.global_step,
         "cuda_graph_replays": model.cuda_graph_replays(), "fp8_weight_reuses": model.fp8_weight_reuses(),
         "optimizer": describe_optimizer(trainer.optimizer),
@@ -262,6 +270,9 @@ def finetune(config: FinetuneConfig) -> dict:
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
         "eval_perplexity_before": ppl_before, "config": asdict(config),
     }
+    if on_gpu:  # this process's peak, the first process's in summary.json
+        summary["peak_gpu_memory_gib"] = {"allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                          "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     if stopper.stopped:
         checkpoint = last_complete_checkpoint(out / "checkpoints")
         say(f"stopped at step {trainer.state.global_step}; checkpoint {checkpoint}; continue with --resume")

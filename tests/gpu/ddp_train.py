@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import small_llama  # noqa: E402
 
-from te_llama.distributed import start_processes  # noqa: E402
+from te_llama.distributed import DDP_OPTIONS, start_processes  # noqa: E402
 from te_llama.training import fp8_state  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     world, rank = processes.num_processes, processes.process_index
     model = small_llama.model(fp8=None if args.fp8 == "off" else args.fp8, graphs=args.graphs,
                               num_hidden_layers=args.layers)
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    trained = torch.nn.parallel.DistributedDataParallel(model, **DDP_OPTIONS) if world > 1 else model
     if args.graphs_after_ddp:
         model.enable_cuda_graphs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -128,11 +128,13 @@ def test_finetune_under_torchrun_on_two_gpus(small_checkpoint, tmp_path, record,
     summary = json.loads((out / "summary.json").read_text())
     record(test="finetune_torchrun", graphs=graphs, device=summary["device"], tokens=summary["tokens"],
            tokens_per_s=summary["tokens_per_s"], replays=summary["cuda_graph_replays"],
-           perplexity=(summary["eval_perplexity_before"], summary["eval_perplexity_after"]))
+           perplexity=(summary["eval_perplexity_before"], summary["eval_perplexity_after"]),
+           peak_gpu_memory_gib=summary["peak_gpu_memory_gib"])
     if graphs:  # the data's last, padded block made a few steps eager in both processes (it hung them before)
         assert 30 <= summary["cuda_graph_replays"] < 40
     assert result.stdout.count("te-llama finetune:") == 1 and result.stdout.count("saved HF checkpoint") == 1
     assert summary["processes"] == 2 and summary["fp8_recipe"] == "delayed" and summary["steps"] == 40
+    assert summary["ddp"] == {"gradient_as_bucket_view": True}  # te_llama.distributed.DDP_OPTIONS reached DDP
     assert summary["tokens"] == 40 * 1024  # --batch-tokens is the step's, shared by the two processes
     assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"]
     assert LlamaForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
