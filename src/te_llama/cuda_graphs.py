@@ -5,12 +5,13 @@ fast GPU the host can fall behind the kernels it launches, and the GPU waits. Tr
 ``make_graphed_callables`` records the forward of the decoder layers, one after the other, and their backward
 as CUDA graphs; later steps replay them with a few launches. Embeddings, final norm, LM head and loss stay eager.
 
-Two graphs per direction: the first layer, then all the others (:func:`split_stack`). Not one per layer: a
-graph keeps its input and output buffers for its lifetime, and per layer those were four hidden-state-sized
-buffers plus a copy of each layer's input into its graph; Llama-3-8B's training step at 4,096 tokens then
-reserved 1.8 GiB more than HF's (48.6 against 46.8 GiB on an H100), with the stack recorded whole 46.6. Not one
-for the whole stack either: launching it took the host 1.5-2.5 ms, while the GPU, with only the embedding to
-run, waited; now it runs the first layer during the launch of the rest.
+Two graphs per direction: the first layer, then all the others (:func:`split_stack`; under DDP the others in
+:data:`DDP_PARTS` graphs, below). Not one per layer: a graph keeps its input and output buffers for its lifetime,
+and per layer those were four hidden-state-sized buffers plus a copy of each layer's input into its graph;
+Llama-3-8B's training step at 4,096 tokens then reserved 1.8 GiB more than HF's (48.6 against 46.8 GiB on an
+H100), with the stack recorded whole 46.6. Not one for the whole stack either: launching it took the host 1.5-2.5
+ms, while the GPU, with only the embedding to run, waited; now it runs the first layer during the launch of the
+rest.
 
 HF's ``LlamaModel`` still calls every decoder layer: the first one replays the graphs, which compute all of
 them, and the others hand on the graphs' output (they check that they received exactly it). Forward hooks on
