@@ -344,7 +344,8 @@ def _explain_capture_failure_under_ddp() -> Iterator[None]:
         if several_processes() and any("capturing blocking stream" in str(e) for e in _error_chain(error)):
             raise CudaGraphError(
                 "recording the CUDA graphs failed under DDP: call model.enable_cuda_graphs() after "
-                "torch.distributed.init_process_group() and before wrapping the model in DistributedDataParallel") from error
+                "torch.distributed.init_process_group() and before wrapping the model in DistributedDataParallel"
+            ) from error
         raise
 
 
