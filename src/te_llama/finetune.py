@@ -245,7 +245,7 @@ def finetune(config: FinetuneConfig) -> dict:
     trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=_optimizer(args, on_gpu),
                       train_dataset=train_blocks, eval_dataset=eval_blocks, data_collator=default_data_collator,
                       callbacks=[FP8StateCallback(), CheckpointCompleteCallback(), stopper])
-    use_ddp_options(trainer)  # gradients as views into DDP's buckets: held once (te_llama.distributed.DDP_OPTIONS)
+    use_ddp_options(trainer)  # gradients as views into DDP's buckets, one copy a step (distributed.DDP_OPTIONS)
     trainer.callback_handler.callbacks.insert(0, LogExtrasCallback())  # before the printer sees the logs
     resume_from = last_complete_checkpoint(out / "checkpoints") if config.resume else None
     if config.resume and resume_from is None:

@@ -62,7 +62,7 @@ def test_ddp_keeps_processes_identical_and_trains_as_one_gpu(tmp_path, record, r
 def test_ddp_with_cuda_graphs_trains_as_eager_ddp(tmp_path, record, recipe, pad_steps, layers):
     """``pad_steps``: at steps 0 and 3 the second process's batch has padding, so both processes run those steps
     eagerly (replayed and eager layers make different collectives; the HF Trainer hung on it) and record the graphs
-    at step 0. With 6 layers the stack is recorded in 4 graphs under DDP (cuda_graphs.split_stack), with 2 in 2."""
+    at step 0. Under DDP a 6-layer stack is recorded in 4 graphs (cuda_graphs.split_stack), a 2-layer one in 2."""
     flags = ["--layers", str(layers)] + (["--pad-steps", pad_steps] if pad_steps else [])
     graphs, graphs_grads = train(tmp_path, "graphs", TORCHRUN, "--fp8", recipe, "--graphs", *flags)
     eager, eager_grads = train(tmp_path, "eager", TORCHRUN, "--fp8", recipe, *flags)
