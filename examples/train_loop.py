@@ -1,6 +1,8 @@
 """A plain PyTorch training loop for a te-llama model: FP8, gradient accumulation, clipping, fused AdamW.
 
-Runs as is (``python examples/train_loop.py --model DIR``) or under ``accelerate launch --mixed_precision bf16``.
+Runs as is (``python examples/train_loop.py --model DIR``) or under ``accelerate launch --mixed_precision bf16``
+(``--multi_gpu --num_processes N``, or ``torchrun --nproc_per_node N``, for DDP with te-llama's DDP options:
+gradients as views into DDP's buckets).
 FP8 is te-llama's own switch (``--fp8``), not accelerate's: never launch with ``--mixed_precision fp8``.
 With gradient accumulation, ``is_first_microbatch`` lets TE cast the weights to FP8 once per optimizer step.
 """
@@ -11,11 +13,12 @@ import argparse
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from transformers import AutoTokenizer
 
 from te_llama import TELlamaForCausalLM
 from te_llama.assets import english_text, smollm2_checkpoint
+from te_llama.distributed import DDP_OPTIONS
 from te_llama.fp8 import parse_fp8
 
 
@@ -40,7 +43,8 @@ def main() -> None:
     parser.add_argument("--tokens", default=None, help=".npy of token ids instead of the embedded text")
     args = parser.parse_args()
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.accumulation)
+    accelerator = Accelerator(gradient_accumulation_steps=args.accumulation, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(**DDP_OPTIONS)])
     model_dir = args.model or str(smollm2_checkpoint())
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
     model = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, device=accelerator.device,
@@ -51,7 +55,11 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=accelerator.device.type == "cuda")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     fp8 = accelerator.unwrap_model(model).fp8_recipe_name
-    accelerator.print(f"training on {accelerator.device} in {fp8 or dtype} for {args.steps} optimizer steps")
+    where = str(accelerator.device)
+    if accelerator.num_processes > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        views = model.gradient_as_bucket_view
+        where += f", {accelerator.num_processes} processes (DDP, gradient_as_bucket_view={views})"
+    accelerator.print(f"training on {where} in {fp8 or dtype} for {args.steps} optimizer steps")
 
     step, micro = 0, 0
     while step < args.steps:
