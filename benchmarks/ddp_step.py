@@ -10,8 +10,9 @@ each step), and process 0 appends one JSON line to ``--out``: the median ms per 
 tokens per second over all processes, peak memory, the last step's loss averaged over the processes (to compare
 eager and graphed variants, which start from the same weights and tokens), the SM clock and power of its GPU.
 
-Why it exists: with CUDA graphs, the decoder layers' backward is one graph, so their gradients reach DDP only when
-the whole stack's backward is done, and DDP cannot overlap their all-reduce with it as it does eagerly.
+Why it exists: with CUDA graphs, DDP gets the decoder layers' gradients only as each recorded part's backward ends,
+not layer by layer as it does eagerly, so it overlaps less of its all-reduce with the backward. Under DDP the stack
+is recorded in parts for that reason (``te_llama.cuda_graphs.DDP_PARTS``); this script measures what it costs.
 """
 
 from __future__ import annotations

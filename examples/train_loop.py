@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from te_llama import TELlamaForCausalLM
 from te_llama.assets import english_text, smollm2_checkpoint
-from te_llama.distributed import DDP_OPTIONS
+from te_llama.distributed import DDP_OPTIONS, ddp_options_of
 from te_llama.fp8 import parse_fp8
 
 
@@ -56,9 +56,9 @@ def main() -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     fp8 = accelerator.unwrap_model(model).fp8_recipe_name
     where = str(accelerator.device)
-    if accelerator.num_processes > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        views = model.gradient_as_bucket_view
-        where += f", {accelerator.num_processes} processes (DDP, gradient_as_bucket_view={views})"
+    if accelerator.num_processes > 1 and (options := ddp_options_of(model)) is not None:
+        settings = ", ".join(f"{name}={value}" for name, value in options.items())
+        where += f", {accelerator.num_processes} processes (DDP, {settings})"
     accelerator.print(f"training on {where} in {fp8 or dtype} for {args.steps} optimizer steps")
 
     step, micro = 0, 0

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import random_hf_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -20,11 +19,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
 def checkpoint(tmp_path_factory):
     """A random 2-layer Llama and a token file with a repeating pattern, learnable in a few steps."""
     directory = tmp_path_factory.mktemp("example")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(directory / "model")
-    pattern = np.random.default_rng(0).integers(0, 256, 29)
+    config = tiny_config()
+    random_hf_model(config).save_pretrained(directory / "model")
+    pattern = np.random.default_rng(0).integers(0, config.vocab_size, 29)
     np.save(directory / "tokens.npy", np.tile(pattern, 200).astype(np.uint16))
     return directory
 

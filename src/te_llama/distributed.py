@@ -42,6 +42,14 @@ def use_ddp_options(trainer) -> None:
         setattr(accelerator.ddp_handler, name, value)
 
 
+def ddp_options_of(model) -> dict | None:
+    """The :data:`DDP_OPTIONS` settings a DDP-wrapped ``model`` runs with, read from DDP itself (``None`` for a model
+    that DDP does not wrap, as in a single process)."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    return {name: getattr(model, name) for name in DDP_OPTIONS}
+
+
 class DataParallelError(RuntimeError):
     """A te-llama model was run by ``torch.nn.DataParallel``, which the HF Trainer picks when one process sees
     several GPUs."""

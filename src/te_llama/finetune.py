@@ -28,7 +28,7 @@ from te_llama.assets import english_text, smollm2_checkpoint, wiki_articles
 from te_llama.backend import resolve_backend, working_dtype
 from te_llama.checkpoint_io import CheckpointError, weight_files
 from te_llama.data import Example, read_examples, split_blocks, tokenize_and_pack
-from te_llama.distributed import start_processes, use_ddp_options, wait_for_everyone
+from te_llama.distributed import ddp_options_of, start_processes, use_ddp_options, wait_for_everyone
 from te_llama.evaluate import perplexity
 from te_llama.fp8 import describe, parse_fp8
 from te_llama.generation import generate_text
@@ -165,13 +165,6 @@ def _optimizer(args: TrainingArguments, on_gpu: bool) -> tuple[type, dict] | Non
     return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
-def _ddp_options(model) -> dict | None:
-    """The options DDP trained with (``None`` in a single process, where the Trainer does not wrap the model)."""
-    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None
-    return {"gradient_as_bucket_view": model.gradient_as_bucket_view}
-
-
 def _tensorboard_available() -> bool:
     import importlib.util
 
@@ -261,7 +254,7 @@ def finetune(config: FinetuneConfig) -> dict:
     summary = {
         "status": "interrupted" if stopper.stopped else "completed",
         "model": str(model_dir), "data": data_name, "output": str(out), "backend": backend, "device": device,
-        "processes": processes.num_processes, "ddp": _ddp_options(trainer.model_wrapped),
+        "processes": processes.num_processes, "ddp": ddp_options_of(trainer.model_wrapped),
         "precision": precision, "fp8_recipe": model.fp8_recipe_name, "steps": trainer.state.global_step,
         "cuda_graph_replays": model.cuda_graph_replays(), "fp8_weight_reuses": model.fp8_weight_reuses(),
         "optimizer": describe_optimizer(trainer.optimizer),
