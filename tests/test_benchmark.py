@@ -275,6 +275,25 @@ def test_variant_suffixes_graphs_and_weight_cache():
     assert skip_reason("te_fp8_delayed_graphs_cached", "B") == "shape B needs a CUDA GPU (use --shapes tiny on a CPU)"
 
 
+def test_fast_accumulation_variants_follow_their_recipe():
+    from te_llama.benchmark import (VARIANTS, BenchmarkArgumentError, bench, is_variant, skip_reason, te_fp8_config,
+                                    te_recipe_name)
+    from te_llama.fp8 import FP8Config
+
+    assert "te_fp8_delayed_fastacc_graphs_cached" in VARIANTS  # the suite shows the fastest opt-in next to the default
+
+    assert is_variant("te_fp8_delayed_fastacc_graphs_cached") and is_variant("te_fp8_current_fastacc")
+    assert not is_variant("te_bf16_fastacc") and not is_variant("te_fp8_delayed_graphs_fastacc")  # suffix order
+    assert te_recipe_name("te_fp8_delayed_fastacc_graphs_cached") == "delayed"
+    assert te_fp8_config("te_fp8_delayed_fastacc_graphs") == FP8Config(recipe="delayed", backward_accumulation="fast")
+    assert te_fp8_config("te_fp8_current_graphs") == FP8Config(recipe="current")
+    assert te_fp8_config("te_bf16_graphs") is None
+    # a combination FP8 cannot run is a skipped row with the reason, found without a GPU
+    assert "needs the delayed or current recipe; 'block'" in skip_reason("te_fp8_block_fastacc", "tiny")
+    with pytest.raises(BenchmarkArgumentError, match="take _fastacc after its recipe"):
+        bench(shapes="tiny", variants="te_fp8_delayed_graphs_fastacc")
+
+
 def test_cached_variant_turns_the_weight_cache_on():
     from te_llama.benchmark import SHAPES, build_model
 

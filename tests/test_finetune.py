@@ -251,6 +251,13 @@ def test_fp8_asked_for_on_cpu_is_an_error(tiny_model, text_file, tmp_path, capsy
     assert "reference backend" in capsys.readouterr().err
 
 
+def test_fast_accumulation_without_fp8_is_an_error_before_output_is_touched(tiny_model, text_file, tmp_path, capsys):
+    assert run(tiny_model, text_file, tmp_path / "out", "--fp8-backward-accumulation", "fast") == 2  # auto on a CPU
+    assert "--fp8-backward-accumulation fast needs FP8" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert run(tiny_model, text_file, tmp_path / "out", "--fp8", "block", "--fp8-backward-accumulation", "fast") == 2
+    assert "needs the delayed or current recipe" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_cuda_graphs_asked_for_on_cpu_is_an_error_before_output_is_touched(tiny_model, text_file, tmp_path, capsys):
     assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs") == 2
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()

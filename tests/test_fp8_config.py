@@ -27,6 +27,22 @@ def test_config_is_frozen_and_validated():
 def test_describe_names_the_formats():
     assert describe(FP8Config(recipe="delayed")) == "delayed (DelayedScaling, HYBRID: E4M3 fwd / E5M2 bwd)"
     assert describe(FP8Config(recipe="block")) == "block (Float8BlockScaling, E4M3)"
+    assert describe(FP8Config(recipe="current", backward_accumulation="fast")) == (
+        "current (Float8CurrentScaling, HYBRID: E4M3 fwd / E5M2 bwd, fast backward accumulation)")
+
+
+def test_fast_backward_accumulation_is_opt_in_and_checked():
+    assert FP8Config().backward_accumulation == "split"
+    assert parse_fp8("delayed", "fast") == FP8Config(recipe="delayed", backward_accumulation="fast")
+    with pytest.raises(FP8ConfigError, match="'split' or 'fast', got 'quick'"):
+        FP8Config(backward_accumulation="quick")
+    for recipe in ("block", "mxfp8"):  # their GEMMs accumulate in float32 whatever is asked
+        with pytest.raises(FP8ConfigError, match=f"needs the delayed or current recipe; '{recipe}'"):
+            FP8Config(recipe=recipe, backward_accumulation="fast")
+    for off in (None, "off"):  # asked for, but FP8 is off: an error, not ignored
+        with pytest.raises(FP8ConfigError, match="needs FP8, but FP8 is off"):
+            parse_fp8(off, "fast")
+    assert parse_fp8("off", "split") is None
 
 
 def test_fp8_on_the_reference_backend_is_an_error_not_bf16():

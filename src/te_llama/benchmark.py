@@ -66,14 +66,18 @@ SHAPES = {
                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
 }
 TE_RECIPES = ("delayed", "current", "block", "mxfp8")
+FAST_ACCUMULATION = "_fastacc"  # te-llama FP8 variants whose backward GEMMs use fast accumulation (opt-in numerics)
 GRAPHS = "_graphs"  # suffix of te-llama variants that replay the decoder layers as CUDA graphs
 CACHED = "_cached"  # last suffix of te-llama FP8 variants with the opt-in FP8 weight cache (te_llama.weight_cache)
 TE_VARIANTS = ("te_bf16",) + tuple(f"te_fp8_{r}" for r in TE_RECIPES)
 VARIANTS = (("hf_bf16", "hf_compile", "liger", "torchao_fp8") + TE_VARIANTS
-            + ("te_fp8_delayed" + GRAPHS, "te_fp8_delayed" + GRAPHS + CACHED))
-"""The suite's default variants; any te-llama variant also runs with CUDA graphs (``te_bf16_graphs``, ...), and any
+            + ("te_fp8_delayed" + GRAPHS, "te_fp8_delayed" + GRAPHS + CACHED,
+               "te_fp8_delayed" + FAST_ACCUMULATION + GRAPHS + CACHED))
+"""The suite's default variants. Any te-llama variant also runs with CUDA graphs (``te_bf16_graphs``, ...), and any
 FP8 one with the weight cache (``te_fp8_current_cached``, ``te_fp8_delayed_graphs_cached``), which serves only
-shapes without an optimizer step (B)."""
+shapes without an optimizer step (B). An FP8 variant with ``_fastacc`` right after its recipe
+(``te_fp8_delayed_fastacc_graphs_cached``) runs ``FP8Config(backward_accumulation="fast")``, te-llama's fastest
+opt-in: it changes the backward's rounding, which its row's ``fp8`` field says."""
 COMPILED = ("hf_compile", "torchao_fp8")  # peers built with torch.compile: 3 more warm-up steps
 BASELINE = "hf_bf16"
 RESULT_PREFIX = "BENCH_RESULT "
@@ -119,7 +123,7 @@ def build_model(variant: str, shape: Shape, device: torch.device):
 
             try:
                 model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te",
-                                                       fp8=te_recipe_name(variant))
+                                                       fp8=te_fp8_config(variant))
             except FP8ConfigError as error:
                 raise Skipped(str(error)) from error
             if variant.removesuffix(CACHED).endswith(GRAPHS):
@@ -147,18 +151,38 @@ def build_model(variant: str, shape: Shape, device: torch.device):
 
 
 def _te_base(variant: str) -> str:
-    """A te-llama variant without its suffixes (``te_fp8_delayed_graphs_cached`` -> ``te_fp8_delayed``)."""
+    """A te-llama variant without its suffixes (``te_fp8_delayed_fastacc_graphs_cached`` -> ``te_fp8_delayed``)."""
+    return _fast_accumulation_base(variant).removesuffix(FAST_ACCUMULATION)
+
+
+def _fast_accumulation_base(variant: str) -> str:
     return variant.removesuffix(CACHED).removesuffix(GRAPHS)
 
 
+def fast_accumulation(variant: str) -> bool:
+    """Whether a te-llama FP8 variant runs its backward GEMMs with fast accumulation (``_fastacc``)."""
+    return _fast_accumulation_base(variant).endswith(FAST_ACCUMULATION)
+
+
 def is_variant(name: str) -> bool:
-    return name in VARIANTS or (_te_base(name) in TE_VARIANTS
-                                and (not name.endswith(CACHED) or name.startswith("te_fp8_")))
+    fp8_only = name.endswith(CACHED) or fast_accumulation(name)
+    return name in VARIANTS or (_te_base(name) in TE_VARIANTS and (not fp8_only or name.startswith("te_fp8_")))
 
 
 def te_recipe_name(variant: str) -> str | None:
     """The FP8 recipe of a te-llama variant (``te_fp8_delayed_graphs`` -> ``delayed``), ``None`` for BF16."""
     return _te_base(variant).removeprefix("te_fp8_") if variant.startswith("te_fp8_") else None
+
+
+def te_fp8_config(variant: str):
+    """The :class:`~te_llama.fp8.FP8Config` of a te-llama variant, ``None`` for BF16; raises
+    :class:`~te_llama.fp8.FP8ConfigError` for a combination FP8 cannot run (``te_fp8_block_fastacc``)."""
+    from te_llama.fp8 import FP8Config
+
+    recipe = te_recipe_name(variant)
+    if recipe is None:
+        return None
+    return FP8Config(recipe=recipe, backward_accumulation="fast" if fast_accumulation(variant) else "split")
 
 
 def compile_regions(model) -> None:
@@ -263,8 +287,10 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
            "gpu_power": gpu_power.summary()}  # SM clock and power draw during the timed steps (te_llama.gpu_power)
     if variant.startswith("te_") and device.type == "cuda":
         from te_llama.backend import te_attention_backend
+        from te_llama.fp8 import describe as describe_fp8
 
         row["attention_backend"] = te_attention_backend()
+        row["fp8"] = describe_fp8(model.fp8_config) if model.fp8_config else None  # recipe, accumulation
         row["fp8_weight_reuses"] = model.fp8_weight_reuses()  # forwards that reused the FP8 weight cast
     return row
 
@@ -327,6 +353,13 @@ def skip_reason(variant: str, shape: str = "tiny") -> str | None:
     if variant.endswith(CACHED) and SHAPES[shape].optimizer:
         return (f"the FP8 weight cache reuses a cast only between optimizer steps, and shape {shape} steps the "
                 "optimizer after every pass")
+    if variant.startswith("te_fp8_"):
+        from te_llama.fp8 import FP8ConfigError
+
+        try:
+            te_fp8_config(variant)
+        except FP8ConfigError as error:
+            return str(error)
     if not torch.cuda.is_available():
         if shape != "tiny":
             return f"shape {shape} needs a CUDA GPU (use --shapes tiny on a CPU)"
@@ -335,10 +368,10 @@ def skip_reason(variant: str, shape: str = "tiny") -> str | None:
     if variant in peers and importlib.util.find_spec(peers[variant][0]) is None:
         return f"{peers[variant][1]} is not installed"
     if variant.startswith("te_fp8_") and importlib.util.find_spec("transformer_engine") is not None:
-        from te_llama.fp8 import FP8Config, FP8ConfigError, te_recipe
+        from te_llama.fp8 import FP8ConfigError, te_recipe
 
         try:
-            te_recipe(FP8Config(recipe=te_recipe_name(variant)))
+            te_recipe(te_fp8_config(variant))
         except FP8ConfigError as error:
             return str(error)
     return None
@@ -399,18 +432,18 @@ def add_ratios(rows: list[dict]) -> None:
                     row[ratio] = row[key] / reference[key]
 
 
-HEADER = f"{'shape':5s} {'variant':22s} {'ms/step':>9s} {'speedup':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} " \
+HEADER = f"{'shape':5s} {'variant':36s} {'ms/step':>9s} {'speedup':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} " \
          f"{'peak GiB':>9s} {'mem ratio':>9s} {'reserved':>9s} {'res ratio':>9s} {'loss':>7s} {'SM MHz':>7s} {'W':>5s}"
 
 
 def format_row(row: dict) -> str:
     if row["status"] != "ok":
-        return f"{row['shape']:5s} {row['variant']:22s} {row['status']}: {row.get('reason', '')}"
+        return f"{row['shape']:5s} {row['variant']:36s} {row['status']}: {row.get('reason', '')}"
     def column(key, spec):
         return format(row[key], spec) if row.get(key) is not None else f"{'-':>9s}"
 
     speedup = f"{row['speedup_vs_hf_bf16']:7.2f}x" if "speedup_vs_hf_bf16" in row else f"{'':8s}"
-    return (f"{row['shape']:5s} {row['variant']:22s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
+    return (f"{row['shape']:5s} {row['variant']:36s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
             f"{row['model_tflops']:8.1f} {column('peak_memory_gib', '9.1f')} {column('memory_vs_hf_bf16', '9.2f')} "
             f"{column('peak_reserved_gib', '9.1f')} {column('reserved_vs_hf_bf16', '9.2f')} {row['final_loss']:7.3f}"
             f"{_power_columns(row.get('gpu_power'))}")
@@ -438,7 +471,8 @@ def bench(shapes: str = "A,B,C", variants: str = ",".join(VARIANTS), steps: int 
     if unknown:
         raise BenchmarkArgumentError(f"unknown shape or variant: {', '.join(unknown)} (shapes: {', '.join(SHAPES)}; "
                                      f"variants: {', '.join(VARIANTS)}, or a te_ variant + {GRAPHS}; a te_fp8_ "
-                                     f"variant may end in {CACHED} too)")
+                                     f"variant may end in {CACHED} too, and take {FAST_ACCUMULATION} after its "
+                                     "recipe)")
     env = environment()
     print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
     print(HEADER)

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--output", default="te-llama-finetune")
     tune.add_argument("--fp8", default="auto", help="auto, delayed, current, block, mxfp8 or off (auto: FP8 where "
                                                     "the GPU and TE allow, said at start)")
+    tune.add_argument("--fp8-backward-accumulation", choices=("split", "fast"), default="split",
+                      help="how the FP8 backward GEMMs accumulate (delayed and current recipes): split, TE's default, "
+                           "or fast, quicker with more rounding error (README: Fast accumulation)")
     tune.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 300 GPU / 12 CPU)")
     tune.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 512 GPU / 256 CPU)")
     tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step, shared by the "

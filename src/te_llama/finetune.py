@@ -59,6 +59,7 @@ class FinetuneConfig:
     data: str | None = None  # .txt, .jsonl or datasets directory; None: embedded English text
     output: str = "te-llama-finetune"
     fp8: str = "auto"  # auto: FP8 on a GPU with TE, otherwise off (said so); or delayed/current/block/mxfp8/off
+    fp8_backward_accumulation: str = "split"  # or "fast": opt-in, faster backward GEMMs (te_llama.fp8.FP8Config)
     max_steps: int | None = None  # default: 300 on a GPU, 12 on a CPU
     seq_len: int | None = None  # default: 512 on a GPU, 256 on a CPU
     batch_tokens: int | None = None  # tokens per optimizer step (all processes); default 4096 on a GPU, 1024 on a CPU
@@ -186,6 +187,7 @@ def finetune(config: FinetuneConfig) -> dict:
     if config.cuda_graphs and config.gradient_checkpointing:
         raise FinetuneError("--gradient-checkpointing and --cuda-graphs cannot be combined: a recorded graph cannot "
                             "recompute its forward during the backward pass; pick one")
+    fp8 = parse_fp8(None if (config.fp8 == "auto" and not on_gpu) else config.fp8, config.fp8_backward_accumulation)
     model_dir = Path(config.model) if config.model else smollm2_checkpoint()
     if not model_dir.is_dir():
         raise CheckpointError(f"--model {model_dir}: not a directory (a local Hugging Face checkpoint is needed)")
@@ -200,7 +202,6 @@ def finetune(config: FinetuneConfig) -> dict:
         _prepare_output(out, config)
     wait_for_everyone()
 
-    fp8 = parse_fp8(None if (config.fp8 == "auto" and not on_gpu) else config.fp8)
     dtype = working_dtype(backend)
     model = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8, device=processes.device)
     if config.gradient_checkpointing:

@@ -38,6 +38,11 @@ class FP8Config:
     amax_history_len / amax_compute_algo / margin: DelayedScaling's scale bookkeeping.
     in_eval: run ``model.eval()`` forwards (evaluation, ``generate()``) in FP8 too. Off by default: evaluation
         and generation run in BF16 and need no token count divisible by 16.
+    backward_accumulation: ``split`` (default) or ``fast``: how the backward FP8 GEMMs (dgrad, wgrad) accumulate on
+        Hopper and Ada. ``split`` promotes partial sums to float32 along the inner dimension, as TE does by default;
+        ``fast`` keeps them in the tensor cores' shorter accumulator, as TE's forward GEMMs always do. ``fast`` is
+        faster (more so under a power limit) and adds error that grows with the inner dimension; see the README's
+        "Fast accumulation" for what it was measured to do. Delayed and current scaling only.
     """
 
     recipe: RecipeName = "auto"
@@ -46,6 +51,7 @@ class FP8Config:
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: int = 0
     in_eval: bool = False
+    backward_accumulation: Literal["split", "fast"] = "split"
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -56,15 +62,24 @@ class FP8Config:
             raise FP8ConfigError(f"amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}")
         if self.amax_history_len < 1 or self.margin < 0:
             raise FP8ConfigError("amax_history_len must be >= 1 and margin >= 0")
+        if self.backward_accumulation not in ("split", "fast"):
+            raise FP8ConfigError(f"backward_accumulation must be 'split' or 'fast', got {self.backward_accumulation!r}")
+        if self.backward_accumulation == "fast" and self.recipe in ("block", "mxfp8"):
+            raise FP8ConfigError(f"backward_accumulation='fast' needs the delayed or current recipe; {self.recipe!r} "
+                                 "GEMMs always accumulate in float32. Use recipe='delayed' or 'current', or 'split'.")
 
 
-def parse_fp8(value: str | FP8Config | None) -> FP8Config | None:
-    """``None``/``"off"`` -> no FP8; a recipe name -> ``FP8Config(recipe=name)``; a config as is."""
-    if value is None or isinstance(value, FP8Config):
-        return value
-    if value in ("off", "none", "bf16", "false"):
+def parse_fp8(value: str | FP8Config | None, backward_accumulation: str = "split") -> FP8Config | None:
+    """``None``/``"off"`` -> no FP8; a recipe name -> ``FP8Config(recipe=name, backward_accumulation=...)``; a
+    config as is. Fast accumulation without FP8 is an error, not ignored."""
+    if value is None or value in ("off", "none", "bf16", "false"):
+        if backward_accumulation != "split":
+            raise FP8ConfigError(f"--fp8-backward-accumulation {backward_accumulation} needs FP8, but FP8 is off "
+                                 f"(--fp8 {value or 'auto on a machine without a GPU'}); use --fp8 delayed or current")
         return None
-    return FP8Config(recipe=value)
+    if isinstance(value, FP8Config):
+        return value
+    return FP8Config(recipe=value, backward_accumulation=backward_accumulation)
 
 
 def _capability() -> tuple[int, int]:
@@ -112,6 +127,9 @@ def te_recipe(config: FP8Config):
     from transformer_engine.pytorch.quantization import check_recipe_support
 
     name = resolve_recipe_name(config)
+    if config.backward_accumulation == "fast" and name not in ("delayed", "current"):
+        raise FP8ConfigError(f"backward_accumulation='fast' needs the delayed or current recipe; 'auto' chose {name!r} "
+                             f"on {torch.cuda.get_device_name()}. Ask for recipe='delayed' or 'current'.")
     fmt = te_recipes.Format.HYBRID if config.fp8_format == "hybrid" else te_recipes.Format.E4M3
     if name == "delayed":
         recipe = te_recipes.DelayedScaling(fp8_format=fmt, amax_history_len=config.amax_history_len,
@@ -128,6 +146,11 @@ def te_recipe(config: FP8Config):
         others = "delayed or current" if name in ("block", "mxfp8") else "--fp8 off"
         raise FP8ConfigError(f"FP8 recipe {name!r} is not supported on {torch.cuda.get_device_name()}: {error} "
                              f"Use {others}.") from error
+    if config.backward_accumulation == "fast":
+        # TE's Linear, LayerNormLinear and LayerNormMLP read these from whichever recipe is active (a field of
+        # Float8CurrentScaling; on DelayedScaling, whose dataclass lacks them, an attribute of this object).
+        fast = te_recipes.MMParams(use_split_accumulator=False)
+        recipe.fp8_gemm_dgrad = recipe.fp8_gemm_wgrad = fast
     return recipe
 
 
@@ -137,4 +160,5 @@ def describe(config: FP8Config) -> str:
     kind = {"delayed": "DelayedScaling", "current": "Float8CurrentScaling", "block": "Float8BlockScaling",
             "mxfp8": "MXFP8BlockScaling"}[name]
     fmt = "E4M3" if name in ("block", "mxfp8") or config.fp8_format == "e4m3" else "HYBRID: E4M3 fwd / E5M2 bwd"
-    return f"{name} ({kind}, {fmt})"
+    fast = ", fast backward accumulation" if config.backward_accumulation == "fast" else ""
+    return f"{name} ({kind}, {fmt}{fast})"

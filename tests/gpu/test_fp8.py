@@ -60,6 +60,39 @@ def test_each_recipe_trains_or_says_why_not(recipe, record):
     assert grads[worst] < 0.25
 
 
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_fast_backward_accumulation_changes_the_backward_gemms_only(recipe, record):
+    """``FP8Config(backward_accumulation="fast")`` reaches TE's dgrad and wgrad GEMMs: the gradients differ from
+    split accumulation's, while the forward is the same bit for bit (TE's forward GEMMs accumulate fast either
+    way). Both stay as far from BF16's gradients as each other."""
+    x = ids()
+    bf16 = model().train()
+    bf16(input_ids=x, labels=x).loss.backward()
+    reference = {k: p.grad.float() for k, p in bf16.named_parameters()}
+    runs = {}
+    for accumulation in ("split", "fast"):
+        m = model(fp8=FP8Config(recipe=recipe, backward_accumulation=accumulation)).train()
+        for gemm in ("fp8_gemm_dgrad", "fp8_gemm_wgrad"):  # DelayedScaling has them only when set (TE: split)
+            params = getattr(m._fp8_recipe, gemm, None)
+            assert (params is None or params.use_split_accumulator) == (accumulation == "split")
+        for _ in range(3):  # delayed scaling calibrates its scales (the forward's are the same in both runs)
+            m(input_ids=x, labels=x).loss.backward()
+            m.zero_grad()
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        runs[accumulation] = loss.item(), {k: p.grad.float() for k, p in m.named_parameters() if ".layers." in k}
+    (loss_split, split), (loss_fast, fast) = runs["split"], runs["fast"]
+    apart = {k: rel(fast[k], split[k]) for k in split}
+    error = {mode: max(rel(grads[k], reference[k]) for k in grads) for mode, grads in (("split", split),
+                                                                                     ("fast", fast))}
+    record(test="fast_backward_accumulation", recipe=recipe, loss_split=loss_split, loss_fast=loss_fast,
+           worst_fast_vs_split=max(apart.values()), mean_fast_vs_split=sum(apart.values()) / len(apart),
+           worst_grad_vs_bf16_split=error["split"], worst_grad_vs_bf16_fast=error["fast"])
+    assert loss_fast == loss_split
+    assert max(apart.values()) > 0  # the option reached the backward GEMMs
+    assert error["fast"] < 1.2 * error["split"]
+
+
 def test_fp8_is_really_on_in_training_and_off_in_eval():
     m = model(fp8="delayed")
     seen = []
