@@ -152,16 +152,17 @@ def build_model(variant: str, shape: Shape, device: torch.device):
 
 def _te_base(variant: str) -> str:
     """A te-llama variant without its suffixes (``te_fp8_delayed_fastacc_graphs_cached`` -> ``te_fp8_delayed``)."""
-    return _fast_accumulation_base(variant).removesuffix(FAST_ACCUMULATION)
+    return _without_run_suffixes(variant).removesuffix(FAST_ACCUMULATION)
 
 
-def _fast_accumulation_base(variant: str) -> str:
+def _without_run_suffixes(variant: str) -> str:
+    """The variant without ``_graphs`` and ``_cached``, which say how it runs, not what it computes."""
     return variant.removesuffix(CACHED).removesuffix(GRAPHS)
 
 
 def fast_accumulation(variant: str) -> bool:
     """Whether a te-llama FP8 variant runs its backward GEMMs with fast accumulation (``_fastacc``)."""
-    return _fast_accumulation_base(variant).endswith(FAST_ACCUMULATION)
+    return _without_run_suffixes(variant).endswith(FAST_ACCUMULATION)
 
 
 def is_variant(name: str) -> bool:
