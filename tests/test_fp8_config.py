@@ -45,6 +45,21 @@ def test_fast_backward_accumulation_is_opt_in_and_checked():
     assert parse_fp8("off", "split") is None
 
 
+def test_fast_accumulation_with_auto_is_checked_once_auto_has_chosen(monkeypatch):
+    from te_llama.fp8 import te_recipe
+
+    assert FP8Config(backward_accumulation="fast").recipe == "auto"  # fine until the GPU says what auto means
+    for module in ("transformer_engine", "transformer_engine.common", "transformer_engine.common.recipe",
+                   "transformer_engine.pytorch", "transformer_engine.pytorch.quantization"):
+        stand_in = types.ModuleType(module)
+        stand_in.check_recipe_support = lambda recipe: None
+        monkeypatch.setitem(sys.modules, module, stand_in)
+    monkeypatch.setattr("te_llama.fp8._capability", lambda: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA B200")
+    with pytest.raises(FP8ConfigError, match="'mxfp8' \\(what 'auto' chose on NVIDIA B200\\) GEMMs always"):
+        te_recipe(FP8Config(backward_accumulation="fast"))
+
+
 def test_fp8_on_the_reference_backend_is_an_error_not_bf16():
     model = TELlamaForCausalLM.from_config(tiny_config())
     with pytest.raises(FP8ConfigError, match="reference backend"):

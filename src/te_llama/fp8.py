@@ -64,9 +64,16 @@ class FP8Config:
             raise FP8ConfigError("amax_history_len must be >= 1 and margin >= 0")
         if self.backward_accumulation not in ("split", "fast"):
             raise FP8ConfigError(f"backward_accumulation must be 'split' or 'fast', got {self.backward_accumulation!r}")
-        if self.backward_accumulation == "fast" and self.recipe in ("block", "mxfp8"):
-            raise FP8ConfigError(f"backward_accumulation='fast' needs the delayed or current recipe; {self.recipe!r} "
-                                 "GEMMs always accumulate in float32. Use recipe='delayed' or 'current', or 'split'.")
+        if self.recipe != "auto":  # auto is checked once resolved, on the GPU (te_recipe)
+            _check_accumulation(self, self.recipe)
+
+
+def _check_accumulation(config: FP8Config, name: str, chosen: str = "") -> None:
+    """Fast backward accumulation exists for the delayed and current recipes only; ``chosen`` says how ``name``
+    came about when the user did not name it."""
+    if config.backward_accumulation == "fast" and name not in ("delayed", "current"):
+        raise FP8ConfigError(f"backward_accumulation='fast' needs the delayed or current recipe; {name!r}{chosen} "
+                             "GEMMs always accumulate in float32. Use recipe='delayed' or 'current', or 'split'.")
 
 
 def parse_fp8(value: str | FP8Config | None, backward_accumulation: str = "split") -> FP8Config | None:
@@ -127,9 +134,7 @@ def te_recipe(config: FP8Config):
     from transformer_engine.pytorch.quantization import check_recipe_support
 
     name = resolve_recipe_name(config)
-    if config.backward_accumulation == "fast" and name not in ("delayed", "current"):
-        raise FP8ConfigError(f"backward_accumulation='fast' needs the delayed or current recipe; 'auto' chose {name!r} "
-                             f"on {torch.cuda.get_device_name()}. Ask for recipe='delayed' or 'current'.")
+    _check_accumulation(config, name, f" (what 'auto' chose on {torch.cuda.get_device_name()})")
     fmt = te_recipes.Format.HYBRID if config.fp8_format == "hybrid" else te_recipes.Format.E4M3
     if name == "delayed":
         recipe = te_recipes.DelayedScaling(fp8_format=fmt, amax_history_len=config.amax_history_len,
