@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/ddp_step.py --variant te_fp8_delayed_graphs --shape A --out X.jsonl
     python benchmarks/ddp_step.py --variant te_fp8_delayed_graphs --shape A --out X.jsonl     # the same on one GPU
 
-Each process builds the variant's model as ``te-llama bench`` does (``te_llama.benchmark.prepare_variant``; a
+Each process builds the variant's model as ``te-llama bench`` does (``te_llama.bench.suite.prepare_variant``; a
 ``_graphs`` variant enables CUDA graphs before DDP wraps the model), trains on a batch of the shape's size of its
 own, and DDP averages the gradients. Steps are timed as the suite times them (CUDA events, a wait for the GPU after
 each step), and process 0 appends one JSON line to ``--out``: the median ms per step over the processes' slowest,
@@ -12,7 +12,7 @@ eager and graphed variants, which start from the same weights and tokens), the S
 
 Why it exists: with CUDA graphs, DDP gets the decoder layers' gradients only as each recorded part's backward ends,
 not layer by layer as it does eagerly, so it overlaps less of its all-reduce with the backward. Under DDP the stack
-is recorded in parts for that reason (``te_llama.cuda_graphs.DDP_PARTS``); this script measures what it costs.
+is recorded in parts for that reason (``te_llama.training.cuda_graphs.DDP_PARTS``); this script measures what it costs.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from te_llama.benchmark import SHAPES, environment, prepare_variant, skip_reason, timed_ms, training_step
-from te_llama.distributed import DDP_OPTIONS, start_processes
-from te_llama.gpu_power import PowerSampler
+from te_llama.bench.suite import SHAPES, environment, prepare_variant, skip_reason, timed_ms, training_step
+from te_llama.training.distributed import DDP_OPTIONS, start_processes
+from te_llama.bench.gpu_power import PowerSampler
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--torch-ddp-defaults", action="store_true",
                         help="wrap the model in DDP with PyTorch's default options instead of te-llama's "
-                        "(te_llama.distributed.DDP_OPTIONS), to compare the two")
+                        "(te_llama.training.distributed.DDP_OPTIONS), to compare the two")
     args = parser.parse_args()
     if (reason := skip_reason(args.variant, args.shape)) is not None:
         raise SystemExit(f"{args.variant} on shape {args.shape}: {reason}")

@@ -103,7 +103,7 @@ def capture(path: str, layer: int, batch: int, seq: int) -> None:
     """Real operands of one SmolLM2-135M layer's backward GEMMs, quantized, with the quantization error (CPU)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from te_llama.assets import english_text, smollm2_checkpoint, wiki_text
+    from te_llama.commands.assets import english_text, smollm2_checkpoint, wiki_text
 
     checkpoint = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -145,7 +145,7 @@ def capture(path: str, layer: int, batch: int, seq: int) -> None:
             print(f"{name} {kind}: m={a.shape[0]} n={b.shape[0]} k={a.shape[1]} quantization "
                   f"{quantization_error:.2e}", flush=True)
     source = {"model": str(checkpoint.name), "layer": layer, "tokens": batch * seq, "batch": batch, "seq": seq,
-              "loss": loss.item(), "text": "te_llama.assets.wiki_text() + english_text()"}
+              "loss": loss.item(), "text": "te_llama.commands.assets.wiki_text() + english_text()"}
     temporary = path + ".partial"
     torch.save({"source": source, "gemms": gemms}, temporary)
     os.replace(temporary, path)

@@ -33,7 +33,7 @@ import torch
 from transformers import LlamaConfig
 
 from te_llama import TELlamaForCausalLM
-from te_llama.fp8 import FP8Config, FP8ConfigError, describe
+from te_llama.training.fp8 import FP8Config, FP8ConfigError, describe
 
 MODELS = {
     "113m": dict(vocab_size=49152, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,

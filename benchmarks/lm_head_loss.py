@@ -18,9 +18,9 @@ import os
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
-import te_llama.lm_head_loss_triton as kernel
-from te_llama import lm_head_loss
-from te_llama.benchmark import environment
+import te_llama.kernels.lm_head_loss_triton as kernel
+from te_llama.model import lm_head_loss
+from te_llama.bench.suite import environment
 
 VOCAB, HIDDEN, CHUNK = 128256, 4096, 512
 
@@ -40,7 +40,7 @@ def time_chunk_step(step, inputs) -> float:
     return do_bench_cudagraph(lambda: step(*inputs), rep=50)
 
 
-def whole_loss(tokens: int, chunk: int | None) -> tuple[float, float]:
+def whole_loss(tokens: int, chunk: int | None, step: str = "auto") -> tuple[float, float]:
     """(ms, peak GiB above the inputs) of the chunked LM head + loss, forward and backward, at ``tokens``."""
     generator = torch.Generator(device="cuda").manual_seed(1)
     hidden = (torch.randn(tokens, HIDDEN, device="cuda", generator=generator)).to(torch.bfloat16).requires_grad_()
@@ -50,7 +50,7 @@ def whole_loss(tokens: int, chunk: int | None) -> tuple[float, float]:
 
     def run():
         hidden.grad = weight.grad = None
-        lm_head_loss.linear_cross_entropy(hidden[None], weight, labels, chunk=chunk).backward()
+        lm_head_loss.linear_cross_entropy(hidden[None], weight, labels, chunk=chunk, step=step).backward()
 
     run()
     ms = do_bench(run, rep=1500)
@@ -98,15 +98,14 @@ def main() -> None:
             print(json.dumps(sweep[-1]), flush=True)
         kernel.BLOCK, kernel.NUM_WARPS = defaults
         report["sweep"] = sweep
-    settings = [("compiled", "0", None), ("kernel", "1", None)]
-    settings += [(f"kernel_chunk{chunk}", "1", int(chunk)) for chunk in args.chunks.split(",") if chunk]
+    settings = [("compiled", "compiled", None), ("kernel", "kernel", None)]
+    settings += [(f"kernel_chunk{chunk}", "kernel", int(chunk)) for chunk in args.chunks.split(",") if chunk]
     report["whole"] = []
     for repeat in range(2):
         for shape, tokens in (("A", 8192), ("B", 4096)):
-            for name, switch, chunk in settings:
-                os.environ["TE_LLAMA_FUSED_LOSS"] = switch
-                ms, peak = whole_loss(tokens, chunk)
-                default = tokens if switch == "1" else lm_head_loss.chunk_tokens(VOCAB)  # the kernel: one chunk
+            for name, step, chunk in settings:
+                ms, peak = whole_loss(tokens, chunk, step)
+                default = tokens if step == "kernel" else lm_head_loss.chunk_tokens(VOCAB)  # the kernel: one chunk
                 report["whole"].append({"shape": shape, "tokens": tokens, "step": name, "repeat": repeat,
                                         "chunk": chunk or default, "ms": ms, "peak_gib_above_inputs": peak})
                 print(json.dumps(report["whole"][-1]), flush=True)

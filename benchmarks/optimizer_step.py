@@ -1,5 +1,5 @@
 """Time one AdamW step over a model's parameters (bf16, as in `te-llama bench`): torch's fused AdamW against
-te-llama's AdamW (a Triton kernel per parameter, `te_llama.adamw`) and Transformer Engine's FusedAdam (bf16
+te-llama's AdamW (a Triton kernel per parameter, `te_llama.training.adamw`) and Transformer Engine's FusedAdam (bf16
 states like torch's, and TE's default fp32 states). Two parameter sets: shape A of the bench (2.8B parameters in
 75 tensors) and SmolLM2-135M's shapes (the fine-tune's model: 135M parameters in 273 small tensors), where the
 per-tensor launches of the Triton step cost the most.
@@ -15,15 +15,15 @@ import json
 import torch
 from transformers import LlamaConfig
 
-from te_llama.adamw import AdamW
-from te_llama.benchmark import SHAPES, environment, median_ms
+from te_llama.training.adamw import AdamW
+from te_llama.bench.suite import SHAPES, environment, median_ms
 
 SMOLLM2_135M = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 
 
 def parameters(config: LlamaConfig) -> list[torch.nn.Parameter]:
-    from te_llama.modeling import TELlamaForCausalLM
+    from te_llama.model.modeling import TELlamaForCausalLM
 
     model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device="cuda")
     params = list(model.parameters())

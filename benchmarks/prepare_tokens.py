@@ -21,7 +21,7 @@ import random
 import numpy as np
 from transformers import AutoTokenizer
 
-from te_llama.assets import english_text, smollm2_checkpoint, wiki_text
+from te_llama.commands.assets import english_text, smollm2_checkpoint, wiki_text
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
-from te_llama.benchmark import (SHAPES, environment, parse_variant, prepare_variant, time_steps, timed_ms,
+from te_llama.bench.suite import (SHAPES, environment, parse_variant, prepare_variant, time_steps, timed_ms,
                                 training_step)
 
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name

@@ -1,6 +1,6 @@
 """Time SwiGLU's FP8 backward for one decoder layer of the bench's shapes: Transformer Engine's two kernels
 (``dgated_act`` in bfloat16, then ``cast_transpose_dbias``) against te-llama's fused kernel
-(:mod:`te_llama.swiglu_backward`), and the fused kernel's tile sizes. Llama-3-8B's MLP (intermediate 14336) at
+(:mod:`te_llama.kernels.swiglu_backward`), and the fused kernel's tile sizes. Llama-3-8B's MLP (intermediate 14336) at
 4,096 tokens (shape B's layer) and 8,192 tokens (shape A's).
 
     python benchmarks/swiglu_backward.py --out swiglu_backward.json
@@ -13,9 +13,9 @@ import json
 
 import torch
 
-from te_llama import swiglu_backward
-from te_llama import swiglu_backward_triton as kernel
-from te_llama.benchmark import environment, median_ms
+from te_llama.kernels import swiglu_backward
+from te_llama.kernels import swiglu_backward_triton as kernel
+from te_llama.bench.suite import environment, median_ms
 
 TILES = [(32, 128, 4), (32, 128, 8), (32, 64, 4), (64, 64, 8), (64, 128, 8)]
 

@@ -17,9 +17,9 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from transformers import AutoTokenizer
 
 from te_llama import TELlamaForCausalLM
-from te_llama.assets import english_text, smollm2_checkpoint
-from te_llama.distributed import DDP_OPTIONS, ddp_options_of
-from te_llama.fp8 import parse_fp8
+from te_llama.commands.assets import english_text, smollm2_checkpoint
+from te_llama.training.distributed import DDP_OPTIONS, ddp_options_of
+from te_llama.training.fp8 import parse_fp8
 
 
 def token_blocks(model_dir: str, seq: int, tokens: str | None) -> torch.Tensor:

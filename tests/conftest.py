@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TE_LLAMA_BACKEND", "reference")  # CPU tests exercise the reference layer
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,6 +23,13 @@ BASE = dict(
     tie_word_embeddings=False,
     pad_token_id=0,
 )
+
+
+@pytest.fixture(autouse=True)
+def _backend_for_the_tier(request, monkeypatch):
+    """CPU tests run the reference layer; GPU tests (marker ``gpu``) run Transformer Engine, and a GPU test that
+    cannot get it fails instead of silently testing the reference. An explicit ``backend=`` argument still wins."""
+    monkeypatch.setenv("TE_LLAMA_BACKEND", "te" if "gpu" in request.keywords else "reference")
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -9,8 +9,8 @@ import importlib
 import pytest
 import torch
 
-from te_llama import adamw as adamw_module
-from te_llama.adamw import AdamW
+from te_llama.training import adamw as adamw_module
+from te_llama.training.adamw import AdamW
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -20,7 +20,7 @@ def interpreted_kernel(monkeypatch):
     """The Triton kernel under ``TRITON_INTERPRET=1`` and the optimizer taking its Triton path on the CPU."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import te_llama.adamw_triton as kernel_module
+    import te_llama.kernels.adamw_triton as kernel_module
 
     kernel_module = importlib.reload(kernel_module)  # the decorator reads TRITON_INTERPRET
     monkeypatch.setattr(adamw_module, "_kernel_fits", lambda param, grad: grad is None or not grad.is_sparse)

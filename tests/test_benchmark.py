@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from te_llama import benchmark
-from te_llama.benchmark import SHAPES, Skipped, _peer, add_ratios, format_row, model_flops_per_step, run_suite
+from te_llama.bench import suite as benchmark
+from te_llama.bench.suite import SHAPES, Skipped, _peer, add_ratios, format_row, model_flops_per_step, run_suite
 from te_llama.cli import main
 
 
@@ -189,7 +189,7 @@ def test_host_syncs_are_reported_with_their_callers(monkeypatch):
 def test_skip_reason_without_starting_a_process(monkeypatch):
     import importlib.util
 
-    from te_llama.benchmark import skip_reason
+    from te_llama.bench.suite import skip_reason
 
     assert skip_reason("hf_bf16") is None
     assert skip_reason("hf_bf16", "B") == "shape B needs a CUDA GPU (use --shapes tiny on a CPU)"
@@ -204,7 +204,7 @@ def test_compiled_peers_compile_one_layer_graph_for_all_layers():
     the 16- and 32-layer shapes uncompiled; the peers now build their models without a KV cache."""
     import torch._dynamo.utils
 
-    from te_llama.benchmark import SHAPES, Shape, build_model, compile_regions
+    from te_llama.bench.suite import SHAPES, Shape, build_model, compile_regions
 
     shape = Shape(10, 2, 32, True, SHAPES["tiny"].config)
     model = build_model("hf_bf16", shape, torch.device("cpu"))
@@ -219,7 +219,7 @@ def test_compiled_peers_compile_one_layer_graph_for_all_layers():
 
 
 def test_gpu_power_summary_from_nvidia_smi_lines():
-    from te_llama.gpu_power import PowerSampler, summarize
+    from te_llama.bench.gpu_power import PowerSampler, summarize
 
     lines = "1980, 120.5, 700.00\n1530, 695.1, 700.00\n[N/A], 690.0, 700.00\n1455, 701.3, 700.00\n1605, 688.0, 700.00\n"
     summary = summarize(lines)
@@ -241,7 +241,7 @@ def test_power_sampler_reads_a_sampling_process_until_the_block_ends(tmp_path, m
     lines summarised."""
     import time
 
-    from te_llama import gpu_power
+    from te_llama.bench import gpu_power
 
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\nwhile true; do echo '1500, 690.5, 700.00'; sleep 0.05; done\n")
@@ -262,40 +262,47 @@ def test_median_ms_warms_up_then_takes_the_median(monkeypatch):
     assert len(calls) == 5  # two untimed calls, then three timed
 
 
-def test_variant_suffixes_graphs_and_weight_cache():
-    from te_llama.benchmark import is_variant, skip_reason, te_recipe_name
+def test_variant_names_parse_into_one_spec():
+    from te_llama.bench.variants import BenchmarkArgumentError, Variant, is_variant
 
+    assert Variant.parse("te_fp8_delayed_fastacc_graphs_cached") == Variant(
+        "te_fp8_delayed_fastacc_graphs_cached", "te", recipe="delayed", fast_accumulation=True, cuda_graphs=True,
+        weight_cache=True)
+    assert Variant.parse("te_bf16_graphs") == Variant("te_bf16_graphs", "te", cuda_graphs=True)
+    assert Variant.parse("hf_compile") == Variant("hf_compile", "peer") and Variant.parse("hf_compile").compiled
     assert is_variant("te_fp8_delayed_graphs_cached") and is_variant("te_fp8_current_cached")
-    assert is_variant("te_bf16_graphs") and not is_variant("te_bf16_cached")  # no FP8 weights to cache
-    assert not is_variant("te_fp8_delayed_cached_graphs") and not is_variant("hf_bf16_cached")
-    assert te_recipe_name("te_fp8_delayed_graphs_cached") == "delayed" and te_recipe_name("te_bf16_graphs") is None
+    assert is_variant("te_fp8_current_fastacc")
+    for bad in ("te_bf16_cached", "te_bf16_fastacc", "te_fp8_delayed_cached_graphs", "te_fp8_delayed_graphs_fastacc",
+                "hf_bf16_cached", "hf_bf16_graphs", "te_fp8_nvfp9"):
+        assert not is_variant(bad), bad
+    with pytest.raises(BenchmarkArgumentError, match="followed by _fastacc .FP8., _graphs, _cached .FP8., in that order"):
+        Variant.parse("te_fp8_delayed_graphs_fastacc")
+
+
+def test_variant_fp8_configs_and_skips():
+    from te_llama.bench.suite import VARIANTS, BenchmarkArgumentError, bench, skip_reason
+    from te_llama.bench.variants import Variant
+    from te_llama.training.fp8 import FP8Config
+
+    assert "te_fp8_delayed_fastacc_graphs_cached" in VARIANTS  # the suite shows the fastest opt-in next to the default
+    assert Variant.parse("te_fp8_delayed_fastacc_graphs").fp8_config() == FP8Config(
+        recipe="delayed", backward_accumulation="fast")
+    assert Variant.parse("te_fp8_current_graphs").fp8_config() == FP8Config(recipe="current")
+    assert Variant.parse("te_bf16_graphs").fp8_config() is None
     # a cast is reused only between optimizer steps: shapes that step the optimizer every pass skip the variant
     assert skip_reason("te_fp8_delayed_graphs_cached", "A").startswith("the FP8 weight cache reuses a cast only")
     assert "shape tiny steps the optimizer" in skip_reason("te_fp8_delayed_cached", "tiny")
     assert skip_reason("te_fp8_delayed_graphs_cached", "B") == "shape B needs a CUDA GPU (use --shapes tiny on a CPU)"
-
-
-def test_fast_accumulation_variants_follow_their_recipe():
-    from te_llama.benchmark import (VARIANTS, BenchmarkArgumentError, bench, is_variant, skip_reason, te_fp8_config,
-                                    te_recipe_name)
-    from te_llama.fp8 import FP8Config
-
-    assert "te_fp8_delayed_fastacc_graphs_cached" in VARIANTS  # the suite shows the fastest opt-in next to the default
-
-    assert is_variant("te_fp8_delayed_fastacc_graphs_cached") and is_variant("te_fp8_current_fastacc")
-    assert not is_variant("te_bf16_fastacc") and not is_variant("te_fp8_delayed_graphs_fastacc")  # suffix order
-    assert te_recipe_name("te_fp8_delayed_fastacc_graphs_cached") == "delayed"
-    assert te_fp8_config("te_fp8_delayed_fastacc_graphs") == FP8Config(recipe="delayed", backward_accumulation="fast")
-    assert te_fp8_config("te_fp8_current_graphs") == FP8Config(recipe="current")
-    assert te_fp8_config("te_bf16_graphs") is None
     # a combination FP8 cannot run is a skipped row with the reason, found without a GPU
     assert "needs the delayed or current recipe; 'block'" in skip_reason("te_fp8_block_fastacc", "tiny")
-    with pytest.raises(BenchmarkArgumentError, match="take _fastacc after its recipe"):
+    with pytest.raises(BenchmarkArgumentError, match="in that order"):
         bench(shapes="tiny", variants="te_fp8_delayed_graphs_fastacc")
+    with pytest.raises(BenchmarkArgumentError, match="unknown shape: Z"):
+        bench(shapes="Z", variants="hf_bf16")
 
 
 def test_cached_variant_turns_the_weight_cache_on():
-    from te_llama.benchmark import SHAPES, build_model
+    from te_llama.bench.suite import SHAPES, build_model
 
     assert build_model("te_fp8_delayed_cached", SHAPES["tiny"], torch.device("cpu")).cache_fp8_weights
     assert not build_model("te_fp8_delayed", SHAPES["tiny"], torch.device("cpu")).cache_fp8_weights

@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import random_hf_model, relative_error, tiny_config
 from te_llama import CheckpointError, TELlamaForCausalLM
-from te_llama.checkpoint_io import weight_files
+from te_llama.checkpoint.files import weight_files
 
 IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(5))
 
@@ -95,7 +95,7 @@ def test_large_saves_are_sharded_with_an_index(hf_checkpoint, tmp_path):
 
 
 def test_failed_save_leaves_nothing_behind(hf_checkpoint, tmp_path, monkeypatch):
-    import te_llama.checkpoint_io as io
+    import te_llama.checkpoint.files as io
 
     directory, _ = hf_checkpoint()
     te = TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)

@@ -8,8 +8,9 @@ import torch
 from transformers import LlamaConfig
 
 from te_llama import TELlamaForCausalLM
-from te_llama.benchmark import VARIANTS, is_variant, skip_reason, te_recipe_name
-from te_llama.cuda_graphs import CudaGraphError
+from te_llama.bench.suite import VARIANTS, skip_reason
+from te_llama.bench.variants import Variant, is_variant
+from te_llama.training.cuda_graphs import CudaGraphError
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -23,8 +24,8 @@ def test_reference_backend_refuses_cuda_graphs():
 
 
 def test_a_capture_failing_under_ddp_becomes_advice(monkeypatch):
-    import te_llama.distributed
-    from te_llama.cuda_graphs import _explain_capture_failure_under_ddp
+    import te_llama.training.distributed
+    from te_llama.training.cuda_graphs import _explain_capture_failure_under_ddp
 
     def failed_capture():  # how torch reports it: ending the capture fails, the cause is its context
         try:
@@ -33,14 +34,14 @@ def test_a_capture_failing_under_ddp_becomes_advice(monkeypatch):
         except RuntimeError:
             raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
-    monkeypatch.setattr(te_llama.distributed, "several_processes", lambda: True)  # as under torchrun
+    monkeypatch.setattr(te_llama.training.distributed, "several_processes", lambda: True)  # as under torchrun
     with pytest.raises(CudaGraphError, match="before wrapping the model in DistributedDataParallel"):
         with _explain_capture_failure_under_ddp():
             failed_capture()
     with pytest.raises(RuntimeError, match="out of memory"):  # other errors pass through unchanged
         with _explain_capture_failure_under_ddp():
             raise RuntimeError("CUDA out of memory")
-    monkeypatch.setattr(te_llama.distributed, "several_processes", lambda: False)
+    monkeypatch.setattr(te_llama.training.distributed, "several_processes", lambda: False)
     with pytest.raises(RuntimeError, match="previous error during capture"):  # one process: no DDP to blame
         with _explain_capture_failure_under_ddp():
             failed_capture()
@@ -49,15 +50,16 @@ def test_a_capture_failing_under_ddp_becomes_advice(monkeypatch):
 def test_what_ddp_graphs_keep_is_not_copied_with_the_model():
     import copy
 
-    from te_llama.cuda_graphs import GraphPeers
+    from te_llama.training.cuda_graphs import GraphPeers
 
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
     nodes = [torch.autograd.graph.get_gradient_edge(p).node for p in model.model.layers.parameters()]
     group = object()  # a process group, which cannot be copied either
-    model._graph_peers = GraphPeers(nodes, group)
+    model.model.te_settings.graph_peers = GraphPeers(nodes, group)
     copied = copy.deepcopy(model)  # autograd nodes cannot be copied; a copy has its own parameters anyway
-    assert copied._graph_peers.accumulators == () and copied._graph_peers.group is None
-    assert len(model._graph_peers.accumulators) == len(nodes) and model._graph_peers.group is group
+    peers, copied_peers = model.model.te_settings.graph_peers, copied.model.te_settings.graph_peers
+    assert copied_peers.accumulators == () and copied_peers.group is None
+    assert len(peers.accumulators) == len(nodes) and peers.group is group
 
 
 def test_layers_without_graphs_train_as_before():
@@ -70,7 +72,7 @@ def test_layers_without_graphs_train_as_before():
 
 def test_graph_variants_in_the_benchmark():
     assert "te_fp8_delayed_graphs" in VARIANTS
-    assert te_recipe_name("te_fp8_delayed_graphs") == "delayed" and te_recipe_name("te_bf16") is None
+    assert Variant.parse("te_fp8_delayed_graphs").recipe == "delayed" and Variant.parse("te_bf16").recipe is None
     assert is_variant("te_bf16_graphs") and not is_variant("hf_bf16_graphs")
     if not torch.cuda.is_available():
         assert skip_reason("te_fp8_delayed_graphs") == "needs a CUDA GPU"
@@ -78,7 +80,7 @@ def test_graph_variants_in_the_benchmark():
 
 def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkeypatch, caplog):
     """The recording decision, with the recording itself (TE on a GPU) replaced by a stand-in."""
-    import te_llama.cuda_graphs as cuda_graphs
+    import te_llama.training.cuda_graphs as cuda_graphs
 
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
     recorded = []
@@ -117,7 +119,7 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
 def test_a_training_forward_that_cannot_replay_says_why_once(caplog):
     """The replay conditions checked before TE's FP8 state (which needs TE): each reason for an eager training
     forward is logged once; evaluation and other batch shapes are expected and not logged."""
-    import te_llama.cuda_graphs as cuda_graphs
+    import te_llama.training.cuda_graphs as cuda_graphs
 
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference").train()
     shape = torch.Size((2, 16, 64))
@@ -144,7 +146,7 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
     """The dispatch of a replay, with the recorded stack replaced by the same layers run eagerly (no TE here):
     every layer computes exactly once, and the model's output is the eager one; a forward that asks for hidden
     states runs layer by layer."""
-    import te_llama.cuda_graphs as cuda_graphs
+    import te_llama.training.cuda_graphs as cuda_graphs
 
     config = LlamaConfig(**{**CONFIG.to_dict(), "num_hidden_layers": 3})
     model = TELlamaForCausalLM.from_config(config, backend="reference").train()
@@ -159,8 +161,8 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
         == [[0], [1, 2], [3, 4], [5, 6], [7]]
     graph = cuda_graphs.StackGraph(parts, torch.Size((2, 16, 64)), torch.float32, None)
     monkeypatch.setattr(cuda_graphs.StackGraph, "replays", lambda self, hidden, mask_type: self.armed)
-    monkeypatch.setattr("te_llama.modeling.record_layer_graphs_once", lambda *args, **kwargs: None)  # "recorded" above
-    model.cuda_graphs = True
+    monkeypatch.setattr(cuda_graphs, "record_layer_graphs_once", lambda *args, **kwargs: None)  # "recorded" above
+    model.model.te_settings.cuda_graphs = True
     calls = []
     for layer in layers:
         monkeypatch.setattr(layer, "te_forward", lambda *a, _f=layer.te_forward, _i=layer.layer_idx, **k:
@@ -183,8 +185,8 @@ def _vote(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    import te_llama.cuda_graphs as cuda_graphs
-    from te_llama.distributed import host_group
+    import te_llama.training.cuda_graphs as cuda_graphs
+    from te_llama.training.distributed import host_group
 
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     messages = []

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from te_llama.benchmark import SHAPES
+from te_llama.bench.suite import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "ddp_step.py"

@@ -34,7 +34,7 @@ def test_the_loop_trains_alone_and_under_ddp(checkpoint, processes):
                "--accumulation", "2", "--seq", "32", "--lr", "3e-3"]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    if processes > 1:  # te_llama.distributed.DDP_OPTIONS reached DDP; one process prints
+    if processes > 1:  # te_llama.training.distributed.DDP_OPTIONS reached DDP; one process prints
         assert "2 processes (DDP, gradient_as_bucket_view=True)" in result.stdout
     else:
         assert "DDP" not in result.stdout

@@ -14,10 +14,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
 
 from conftest import random_hf_model, tiny_config
 from te_llama import TELlamaForCausalLM
-from te_llama.assets import english_text, smollm2_checkpoint
+from te_llama.commands.assets import english_text, smollm2_checkpoint
 from te_llama.cli import main
-from te_llama.data import IGNORE, Example, read_examples, tokenize_and_pack
-from te_llama.training import COMPLETE_MARKER, last_complete_checkpoint
+from te_llama.commands.data import IGNORE, Example, read_examples, tokenize_and_pack
+from te_llama.training.fp8_state import COMPLETE_MARKER, last_complete_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -78,7 +78,7 @@ class SignalAtStep(TrainerCallback):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_model, text_file, tmp_path, monkeypatch):
-    import te_llama.finetune as finetune_module
+    import te_llama.commands.finetune as finetune_module
 
     original = finetune_module.Trainer
 
@@ -186,17 +186,18 @@ def test_torchrun_sigterm_stops_both_processes_after_one_step_and_resume_finishe
 
 
 def test_data_parallel_copies_are_refused_with_advice():
-    from te_llama.distributed import DataParallelError
+    from te_llama.training.distributed import DataParallelError
 
     model = TELlamaForCausalLM.from_config(tiny_config(), backend="reference")
-    model._is_replica = True  # what torch.nn.DataParallel sets on the copies it runs on each GPU
+    for module in model.modules():  # what torch.nn.DataParallel's replicate() sets on the copies it runs per GPU
+        module._is_replica = True
     ids = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(DataParallelError, match="DataParallel.*torchrun --nproc_per_node N"):
         model(input_ids=ids)
 
 
 def test_batch_tokens_the_processes_cannot_share_is_refused():
-    from te_llama.finetune import FinetuneConfig, FinetuneError, _defaults
+    from te_llama.commands.finetune import FinetuneConfig, FinetuneError, _defaults
 
     with pytest.raises(FinetuneError, match="--batch-tokens 192 makes 3 blocks .* use a multiple of 128 tokens"):
         _defaults(FinetuneConfig(seq_len=64, batch_tokens=192), on_gpu=False, processes=2)
@@ -264,7 +265,7 @@ def test_cuda_graphs_asked_for_on_cpu_is_an_error_before_output_is_touched(tiny_
 
 
 def test_out_of_memory_gives_advice(tiny_model, text_file, tmp_path, capsys, monkeypatch):
-    import te_llama.finetune as finetune_module
+    import te_llama.commands.finetune as finetune_module
 
     def oom(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_config
 from te_llama import TELlamaForCausalLM
-from te_llama.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8
+from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8
 
 
 def test_config_is_frozen_and_validated():
@@ -46,7 +46,7 @@ def test_fast_backward_accumulation_is_opt_in_and_checked():
 
 
 def test_fast_accumulation_with_auto_is_checked_once_auto_has_chosen(monkeypatch):
-    from te_llama.fp8 import te_recipe
+    from te_llama.training.fp8 import te_recipe
 
     assert FP8Config(backward_accumulation="fast").recipe == "auto"  # fine until the GPU says what auto means
     for module in ("transformer_engine", "transformer_engine.common", "transformer_engine.common.recipe",
@@ -54,7 +54,7 @@ def test_fast_accumulation_with_auto_is_checked_once_auto_has_chosen(monkeypatch
         stand_in = types.ModuleType(module)
         stand_in.check_recipe_support = lambda recipe: None
         monkeypatch.setitem(sys.modules, module, stand_in)
-    monkeypatch.setattr("te_llama.fp8._capability", lambda: (10, 0))
+    monkeypatch.setattr("te_llama.training.fp8._capability", lambda: (10, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA B200")
     with pytest.raises(FP8ConfigError, match="'mxfp8' \\(what 'auto' chose on NVIDIA B200\\) GEMMs always"):
         te_recipe(FP8Config(backward_accumulation="fast"))
@@ -70,11 +70,11 @@ def test_fp8_on_the_reference_backend_is_an_error_not_bf16():
 
 
 def test_old_gpus_and_odd_shapes_are_rejected(monkeypatch):
-    monkeypatch.setattr("te_llama.fp8._capability", lambda: (8, 0))
+    monkeypatch.setattr("te_llama.training.fp8._capability", lambda: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
     with pytest.raises(FP8ConfigError, match=r"compute capability 8.9\+.*A100 is 8.0.*--fp8 off"):
         check_fp8_possible("te")
-    monkeypatch.setattr("te_llama.fp8._capability", lambda: (9, 0))
+    monkeypatch.setattr("te_llama.training.fp8._capability", lambda: (9, 0))
     with pytest.raises(FP8ConfigError, match="hidden_size=72"):
         check_fp8_possible("te", tiny_config(hidden_size=72, num_attention_heads=4, num_key_value_heads=2))
     check_fp8_possible("te", tiny_config())
@@ -118,7 +118,8 @@ def test_autocast_wraps_training_forwards_only(fake_te):
     model = TELlamaForCausalLM.from_config(tiny_config())
     fake, events = fake_te()
     recipe = object()
-    model._fp8_recipe, model.fp8_config = recipe, FP8Config(recipe="delayed")  # as enable_fp8 on a GPU
+    settings = model.model.te_settings  # as enable_fp8 sets them on a GPU
+    settings.fp8_recipe, settings.fp8_config = recipe, FP8Config(recipe="delayed")
     seen_in_forward, seen_in_backward = [], []
     model.model.layers[0].register_forward_hook(lambda *a: seen_in_forward.append(fake.active))
     model.model.embed_tokens.weight.register_hook(lambda g: seen_in_backward.append(fake.active))
@@ -133,20 +134,25 @@ def test_autocast_wraps_training_forwards_only(fake_te):
     with torch.no_grad():
         model(ids)
     assert len(events) == 2  # evaluation runs in BF16 by default
-    model.fp8_config = FP8Config(recipe="delayed", in_eval=True)
+    settings.fp8_config = FP8Config(recipe="delayed", in_eval=True)
     with torch.no_grad():
         model(ids)
     assert len(events) == 4
 
+    model.train()
+    model.model(input_ids=ids)  # the decoder stack called directly, as TRL's fused LM head does
+    assert events[4:] == [("enter", recipe), ("exit", recipe)] and seen_in_forward[-1] is True
+
     model.disable_fp8().train()
     model(ids, labels=ids)
-    assert len(events) == 4 and model.fp8_recipe_name is None
+    assert len(events) == 6 and model.fp8_recipe_name is None
 
 
 def test_token_count_must_suit_fp8_gemms(fake_te):
     model = TELlamaForCausalLM.from_config(tiny_config()).train()
     fake_te()
-    model._fp8_recipe, model.fp8_config = object(), FP8Config(recipe="current")
+    settings = model.model.te_settings
+    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current")
     with pytest.raises(FP8ConfigError, match="pad_to_multiple_of=16"):
         model(torch.randint(0, 128, (1, 13)))
 

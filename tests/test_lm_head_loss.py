@@ -6,7 +6,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from conftest import relative_error, run_interpreted, tiny_config
 from te_llama import TELlamaForCausalLM
-from te_llama.lm_head_loss import chunk_tokens, linear_cross_entropy
+from te_llama.model.lm_head_loss import chunk_tokens, linear_cross_entropy
 
 
 def hf_loss(hidden, weight, labels, **kwargs):
@@ -65,7 +65,7 @@ def test_kernel_step_writes_the_logits_where_their_gradient_goes(monkeypatch, ch
     """With the kernel as the step (an eager stand-in here: the kernel needs a GPU), each chunk's logits are written
     into the gradient buffer's rows and turned into their gradient in place; without a chunk size, the batch is one
     chunk. Loss and gradients as HF's."""
-    import te_llama.lm_head_loss as module
+    import te_llama.model.lm_head_loss as module
 
     seen = []
 
@@ -77,7 +77,7 @@ def test_kernel_step_writes_the_logits_where_their_gradient_goes(monkeypatch, ch
         grad_out.copy_(gradient)
 
     monkeypatch.setattr(module, "loss_and_logit_grad_kernel", in_place)
-    monkeypatch.setattr(module, "_chunk_step", lambda device: in_place)
+    monkeypatch.setattr(module, "_chunk_step", lambda device, step="auto": in_place)
     hidden, weight, labels = make_inputs(vocab=300, hidden_size=48, batch=3, seq=200, ignored=((1, 150),))
     actual = linear_cross_entropy(hidden, weight, labels, chunk=chunk)
     expected = hf_loss(hidden, weight, labels)
@@ -124,12 +124,12 @@ def test_eval_and_no_grad_forwards_keep_logits(hf_checkpoint):
 
 
 def test_compiled_chunk_step_matches_eager():
-    """The step CUDA runs through torch.compile with ``TE_LLAMA_FUSED_LOSS=0`` (inductor on CPU here) and the
-    in-place eager step: same losses and gradient; one graph per chunk shape (full chunks, remainder), whatever the
+    """The step CUDA runs through torch.compile without Triton or with ``step="compiled"`` (inductor on CPU here),
+    and the in-place eager step: same losses and gradient; one graph per chunk shape (full chunks, remainder), whatever the
     chunk's offset in the buffer."""
     from torch._dynamo.utils import counters
 
-    from te_llama.lm_head_loss import loss_and_logit_grad, loss_and_logit_grad_eager
+    from te_llama.model.lm_head_loss import loss_and_logit_grad, loss_and_logit_grad_eager
 
     torch._dynamo.reset()
     counters.clear()
@@ -154,7 +154,7 @@ def test_compiled_chunk_step_matches_eager():
 
 RUN_KERNEL = """
 import sys, torch
-import te_llama.lm_head_loss_triton as kernel
+import te_llama.kernels.lm_head_loss_triton as kernel
 cases = torch.load(sys.argv[1])
 for case in cases:
     kernel.BLOCK = case.pop("block")
@@ -204,12 +204,12 @@ def test_loss_kernel_matches_float64_math(tmp_path):
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
-    import te_llama.lm_head_loss as module
+    import te_llama.model.lm_head_loss as module
 
     def broken(*args):
         raise RuntimeError("inductor exploded")
 
-    monkeypatch.setattr(module, "_chunk_step", lambda device: broken)
+    monkeypatch.setattr(module, "_chunk_step", lambda device, step="auto": broken)
     monkeypatch.setattr(module, "_compiled_step", broken)
     hidden, weight, labels = make_inputs()
     with caplog.at_level("WARNING", logger="te_llama"):

@@ -41,7 +41,7 @@ def test_logits_match_hf(hf_checkpoint, name):
 
 
 def test_yarn_attention_factor_is_not_one():
-    from te_llama.rope import rope_attention_scaling
+    from te_llama.model.rope import rope_attention_scaling
 
     assert rope_attention_scaling(tiny_config(**CONFIGS["rope_yarn"])) > 1.05
 
@@ -75,7 +75,7 @@ def test_padded_batches_match_hf_on_real_tokens(hf_checkpoint, side, positions):
 
 
 def test_mask_types_chosen_for_te():
-    from te_llama.masks import te_mask_from_hf
+    from te_llama.model.masks import te_mask_from_hf
 
     _, right = padded_batch("right")
     _, left = padded_batch("left")
@@ -88,7 +88,7 @@ def test_mask_types_chosen_for_te():
 
 
 def test_non_shifted_positions_in_a_batch_are_rejected(hf_checkpoint):
-    from te_llama.rope import UnsupportedPositionsError
+    from te_llama.model.rope import UnsupportedPositionsError
 
     _, te = load_pair(hf_checkpoint)
     ids = torch.randint(0, 128, (2, 8))
@@ -109,7 +109,7 @@ def test_packed_documents_in_one_row_match_each_document_alone(hf_checkpoint):
 
 
 def test_gradients_match_hf(hf_checkpoint):
-    from te_llama.weight_mapping import te_to_hf
+    from te_llama.checkpoint.weight_mapping import te_to_hf
 
     hf, te = load_pair(hf_checkpoint, attention_bias=True, mlp_bias=True)
     hf.train(), te.train()

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from conftest import relative_error
 from te_llama import TELlamaForCausalLM
-from te_llama.assets import english_text, smollm2_checkpoint
+from te_llama.commands.assets import english_text, smollm2_checkpoint
 
 
 @pytest.fixture(scope="session")

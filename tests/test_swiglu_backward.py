@@ -13,7 +13,7 @@ from conftest import run_interpreted
 
 RUN_KERNEL = """
 import sys, torch
-import te_llama.swiglu_backward_triton as kernel
+import te_llama.kernels.swiglu_backward_triton as kernel
 cases = torch.load(sys.argv[1])
 for case in cases:
     kernel.INT32_LIMIT = 0 if case.pop("wide", False) else 2**31

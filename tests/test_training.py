@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from conftest import random_hf_model, relative_error, tiny_config
 from te_llama import TELlamaForCausalLM
-from te_llama.training import FP8_STATE_FILE, FP8StateCallback
+from te_llama.training.fp8_state import FP8_STATE_FILE, FP8StateCallback
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -86,7 +86,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoint):
 
 
 def test_is_first_microbatch_reaches_the_layers(checkpoint, monkeypatch):
-    from te_llama.reference_layer import TransformerLayer
+    from te_llama.model.reference_layer import TransformerLayer
 
     seen = []
     original = TransformerLayer.forward

@@ -1,8 +1,8 @@
-"""When te-llama casts FP8 weights again and when it reuses the cached cast (te_llama.weight_cache)."""
+"""When te-llama casts FP8 weights again and when it reuses the cached cast (te_llama.training.weight_cache)."""
 
 import torch
 
-from te_llama.weight_cache import FP8WeightCache
+from te_llama.training.weight_cache import FP8WeightCache
 
 RECIPE = object()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import random_hf_model, tiny_config
-from te_llama.weight_mapping import (
+from te_llama.checkpoint.weight_mapping import (
     FUSED,
     HF_TO_TE,
     TE_TO_HF,

@@ -10,14 +10,14 @@ import logging
 import os
 import sys
 
-from te_llama.adamw import AdamW
+from te_llama.training.adamw import AdamW
 from te_llama.backend import BackendUnavailableError, resolve_backend
-from te_llama.checkpoint_io import CheckpointError
-from te_llama.cuda_graphs import CudaGraphError
-from te_llama.fp8 import FP8Config, FP8ConfigError
-from te_llama.layer import KVCacheNotSupportedError, UnsupportedConfigError, decoder_layer_class
-from te_llama.modeling import TELlamaForCausalLM
-from te_llama.patching import replace_decoder_layer
+from te_llama.checkpoint.files import CheckpointError
+from te_llama.training.cuda_graphs import CudaGraphError
+from te_llama.training.fp8 import FP8Config, FP8ConfigError
+from te_llama.model.layer import KVCacheNotSupportedError, UnsupportedConfigError, decoder_layer_class
+from te_llama.model.modeling import TELlamaForCausalLM
+from te_llama.model.patching import replace_decoder_layer
 
 __version__ = "0.1.0"
 
@@ -66,7 +66,7 @@ def __getattr__(name: str):
     if name == "TELlamaDecoderLayer":
         return decoder_layer_class()
     if name == "FP8StateCallback":  # imports transformers' Trainer machinery, so only on demand
-        from te_llama.training import FP8StateCallback
+        from te_llama.training.fp8_state import FP8StateCallback
 
         return FP8StateCallback
     raise AttributeError(f"module 'te_llama' has no attribute {name!r}")

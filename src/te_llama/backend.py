@@ -88,7 +88,7 @@ def transformer_layer_base(backend: Backend) -> type[torch.nn.Module]:
                 f"Fix the installation or set {ENV_VAR}=reference."
             ) from error
         return te.TransformerLayer
-    from te_llama.reference_layer import TransformerLayer
+    from te_llama.model.reference_layer import TransformerLayer
 
     return TransformerLayer
 

@@ -7,14 +7,14 @@ import json
 import logging
 import sys
 
-from te_llama.assets import AssetError
+from te_llama.commands.assets import AssetError
 from te_llama.backend import BackendUnavailableError
-from te_llama.checkpoint_io import CheckpointError
-from te_llama.cuda_graphs import CudaGraphError
-from te_llama.data import DataError
-from te_llama.distributed import DataParallelError
-from te_llama.fp8 import FP8ConfigError
-from te_llama.layer import UnsupportedConfigError
+from te_llama.checkpoint.files import CheckpointError
+from te_llama.training.cuda_graphs import CudaGraphError
+from te_llama.commands.data import DataError
+from te_llama.training.distributed import DataParallelError
+from te_llama.training.fp8 import FP8ConfigError
+from te_llama.model.layer import UnsupportedConfigError
 
 EXPECTED_ERRORS = (AssetError, BackendUnavailableError, CheckpointError, CudaGraphError, DataError, DataParallelError,
                    FP8ConfigError, UnsupportedConfigError)
@@ -22,7 +22,7 @@ EXIT_ERROR, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _finetune(args) -> int:
-    from te_llama.finetune import FinetuneConfig, finetune
+    from te_llama.commands.finetune import FinetuneConfig, finetune
 
     fields = FinetuneConfig.__dataclass_fields__
     config = FinetuneConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
@@ -31,7 +31,7 @@ def _finetune(args) -> int:
 
 
 def _eval(args) -> int:
-    from te_llama.finetune import eval_perplexity
+    from te_llama.commands.finetune import eval_perplexity
 
     result = eval_perplexity(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                              skip_bad_lines=args.skip_bad_lines, max_blocks=args.max_blocks)
@@ -44,8 +44,8 @@ def _generate(args) -> int:
     from transformers import AutoTokenizer
 
     from te_llama.backend import resolve_backend, working_dtype
-    from te_llama.generation import generate_text
-    from te_llama.modeling import TELlamaForCausalLM
+    from te_llama.commands.generate import generate_text
+    from te_llama.model.modeling import TELlamaForCausalLM
 
     model = TELlamaForCausalLM.from_pretrained(args.model, dtype=working_dtype(resolve_backend()))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -54,7 +54,7 @@ def _generate(args) -> int:
 
 
 def _demo(args) -> int:
-    from te_llama.demo import run_demo
+    from te_llama.commands.demo import run_demo
 
     summary = run_demo(output=args.output, eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
                        model=args.model)
@@ -63,7 +63,7 @@ def _demo(args) -> int:
 
 
 def _convert(args) -> int:
-    from te_llama.convert import convert_checkpoint
+    from te_llama.commands.convert import convert_checkpoint
 
     report = convert_checkpoint(args.model, args.output, dtype=args.dtype, device=args.device)
     print(json.dumps(report.as_dict(), indent=2))
@@ -72,7 +72,7 @@ def _convert(args) -> int:
 
 
 def _bench(args) -> int:
-    from te_llama.benchmark import bench
+    from te_llama.bench.suite import bench
 
     rows = bench(shapes=args.shapes, variants=args.variants, steps=args.steps, warmup=args.warmup, output=args.output,
                  timeout=args.timeout)
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--device", default=None, help="cuda or cpu (default: by backend)")
     convert.set_defaults(run=_convert)
 
-    from te_llama.benchmark import SHAPES, VARIANTS
+    from te_llama.bench.suite import SHAPES, VARIANTS
 
     bench = commands.add_parser("bench", help="te-llama vs HF, torch.compile, Liger, torchao: one table + JSON")
     bench.add_argument("--shapes", default="A,B,C", help=f"comma-separated, of: {', '.join(SHAPES)}")
@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from te_llama.benchmark import BenchmarkArgumentError
-    from te_llama.finetune import FinetuneError, OutOfMemoryAdvice
+    from te_llama.bench.suite import BenchmarkArgumentError
+    from te_llama.commands.finetune import FinetuneError, OutOfMemoryAdvice
 
     try:
         return args.run(args)

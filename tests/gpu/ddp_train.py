@@ -20,8 +20,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import small_llama  # noqa: E402
 
-from te_llama.distributed import DDP_OPTIONS, start_processes  # noqa: E402
-from te_llama.training import fp8_state  # noqa: E402
+from te_llama.training.distributed import DDP_OPTIONS, start_processes  # noqa: E402
+from te_llama.training.fp8_state import fp8_state  # noqa: E402
 
 
 def digest(tensors) -> str:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from te_llama.adamw import AdamW
+from te_llama.training.adamw import AdamW
 
 pytestmark = pytest.mark.gpu
 

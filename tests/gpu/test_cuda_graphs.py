@@ -62,7 +62,7 @@ def test_padded_batches_other_shapes_and_eval_run_eagerly():
 
 
 def test_graphs_refuse_gradient_checkpointing():
-    from te_llama.cuda_graphs import CudaGraphError
+    from te_llama.training.cuda_graphs import CudaGraphError
 
     m = model()
     m.gradient_checkpointing_enable()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import te_llama.lm_head_loss as lm_head_loss
+import te_llama.model.lm_head_loss as lm_head_loss
 from te_llama import TELlamaForCausalLM
 
 pytestmark = pytest.mark.gpu
@@ -15,10 +15,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("step", ["kernel", "compiled"])
 @pytest.mark.parametrize("fp8", [None, "delayed"])
-def test_chunked_loss_matches_full_logits_on_gpu(tmp_path, record, monkeypatch, fp8, fused):
-    monkeypatch.setenv("TE_LLAMA_FUSED_LOSS", fused)
+def test_chunked_loss_matches_full_logits_on_gpu(tmp_path, record, monkeypatch, fp8, step):
+    choose = lm_head_loss._chunk_step
+    monkeypatch.setattr(lm_head_loss, "_chunk_step", lambda device, _step="auto": choose(device, step))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
@@ -39,9 +40,10 @@ def test_chunked_loss_matches_full_logits_on_gpu(tmp_path, record, monkeypatch, 
     chunked_loss, chunked_grads = step(True)
     chosen = lm_head_loss._chunk_step(torch.device("cuda"))
     assert chosen is not lm_head_loss.loss_and_logit_grad_eager, "the chunk step fell back to eager"
-    assert chosen is (lm_head_loss.loss_and_logit_grad_kernel if fused == "1" else lm_head_loss._compiled_step)
+    assert chosen is (lm_head_loss.loss_and_logit_grad_kernel if step == "kernel" else lm_head_loss._compiled_step)
+    assert choose(torch.device("cuda")) is lm_head_loss.loss_and_logit_grad_kernel  # the default on a GPU
     worst = max(rel(chunked_grads[n], full_grads[n]) for n in full_grads)
-    record(test="chunked_lm_head_loss", fp8=fp8, fused=fused, loss_full=full_loss.item(),
+    record(test="chunked_lm_head_loss", fp8=fp8, step=step, loss_full=full_loss.item(),
            loss_chunked=chunked_loss.item(), worst_grad_rel=worst,
            lm_head_grad_rel=rel(chunked_grads["lm_head.weight"], full_grads["lm_head.weight"]))
     assert abs(chunked_loss.item() - full_loss.item()) < 2e-3 * full_loss.item()

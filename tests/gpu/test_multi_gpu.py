@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import small_llama
-from te_llama.distributed import DataParallelError
+from te_llama.training.distributed import DataParallelError
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")]
@@ -134,7 +134,7 @@ def test_finetune_under_torchrun_on_two_gpus(small_checkpoint, tmp_path, record,
         assert 30 <= summary["cuda_graph_replays"] < 40
     assert result.stdout.count("te-llama finetune:") == 1 and result.stdout.count("saved HF checkpoint") == 1
     assert summary["processes"] == 2 and summary["fp8_recipe"] == "delayed" and summary["steps"] == 40
-    assert summary["ddp"] == {"gradient_as_bucket_view": True}  # te_llama.distributed.DDP_OPTIONS reached DDP
+    assert summary["ddp"] == {"gradient_as_bucket_view": True}  # te_llama.training.distributed.DDP_OPTIONS reached DDP
     assert summary["tokens"] == 40 * 1024  # --batch-tokens is the step's, shared by the two processes
     assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"]
     assert LlamaForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]

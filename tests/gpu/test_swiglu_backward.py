@@ -1,4 +1,4 @@
-"""The fused FP8 SwiGLU backward (te_llama.swiglu_backward) against Transformer Engine's own two kernels: the same
+"""The fused FP8 SwiGLU backward (te_llama.kernels.swiglu_backward) against Transformer Engine's own two kernels: the same
 FP8 bytes, amax, scale_inv and bias gradient, and the same gradients when a model trains with it."""
 
 import pytest
@@ -7,8 +7,9 @@ import transformer_engine_torch as tex
 from small_llama import batch, model, passes, worst_rel
 from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
 
-from te_llama import swiglu_backward
-from te_llama import swiglu_backward_triton as kernel
+from te_llama import te_patches
+from te_llama.kernels import swiglu_backward
+from te_llama.kernels import swiglu_backward_triton as kernel
 
 pytestmark = pytest.mark.gpu
 
@@ -66,9 +67,14 @@ def test_same_fp8_bytes_as_te(fp8, scale, rows, inner, record):
 
 
 def _train(monkeypatch, fused: bool, bias: bool, graphs: bool, steps: int = 4):
-    monkeypatch.setenv(swiglu_backward.ENV_SWITCH, "1" if fused else "0")
     m = model("delayed", graphs, attention_bias=bias, mlp_bias=bias)  # with graphs the backward records the kernel
-    return passes(m, steps, batch(1, size=2))
+    assert te_patches.installed("swiglu_backward")  # enable_fp8 with delayed scaling installed it
+    if not fused:
+        te_patches.remove("swiglu_backward")  # TE's own two kernels, for the same marked recipe
+    try:
+        return passes(m, steps, batch(1, size=2))
+    finally:
+        te_patches.install("swiglu_backward")
 
 
 @pytest.mark.parametrize("bias,graphs", [(False, False), (True, False), (False, True)])

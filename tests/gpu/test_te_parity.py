@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import te_llama
 from te_llama import TELlamaForCausalLM
-from te_llama.weight_mapping import te_to_hf
+from te_llama.checkpoint.weight_mapping import te_to_hf
 
 pytestmark = pytest.mark.gpu
 

@@ -1,6 +1,8 @@
-"""FP8 weights cast once per weight update (te_llama.weight_cache): what TE computes when told by hand, no stale
+"""FP8 weights cast once per weight update (te_llama.training.weight_cache): what TE computes when told by hand, no stale
 casts after optimizer steps, the same in CUDA graphs; and only the row-wise copy cached
-(te_llama.weight_cache_rowwise), with the same results as TE's two cached copies."""
+(te_llama.training.weight_cache_rowwise), with the same results as TE's two cached copies."""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,9 +10,23 @@ from small_llama import batch, rel, train
 from small_llama import model as uncached_model
 from small_llama import passes as forward_backward
 
-from te_llama import weight_cache_rowwise
+from te_llama import te_patches
+from te_llama.training import weight_cache_rowwise
 
 pytestmark = pytest.mark.gpu
+
+
+@contextlib.contextmanager
+def replacement(name: str, on: bool):
+    """Run with te-llama's replacement ``name`` of a TE function in place, or with TE's own function."""
+    if on:
+        assert te_patches.install(name)
+    else:
+        te_patches.remove(name)
+    try:
+        yield
+    finally:
+        te_patches.install(name)
 
 
 def model(fp8, graphs=False, cache=True):
@@ -132,9 +148,9 @@ def test_rowwise_cache_equals_te_two_copy_cache(monkeypatch, graphs, record):
     monkeypatch.setattr(weight_cache_rowwise, "drop_transposes", lambda layer: dropped.append(drop(layer)))
     runs = {}
     for rowwise in (False, True):
-        monkeypatch.setenv(weight_cache_rowwise.ENV_SWITCH, "1" if rowwise else "0")
         m = model("delayed", graphs=graphs)
-        runs[rowwise] = forward_backward(m, 5) + (cached_copies(m), m.fp8_weight_reuses())
+        with replacement("rowwise_weight_cache", rowwise):
+            runs[rowwise] = forward_backward(m, 5) + (cached_copies(m), m.fp8_weight_reuses())
     (losses_te, grads_te, copies_te, reuses_te), (losses, grads, copies, reuses) = runs[False], runs[True]
     record(test="weight_cache_rowwise", graphs=graphs, losses_two_copies=losses_te, losses_rowwise=losses,
            cached_two_copies=copies_te, cached_rowwise=copies, drops=dropped)
@@ -156,9 +172,9 @@ def test_rowwise_cache_holds_less_memory(monkeypatch, record):
     backward)."""
     held = {}
     for rowwise in (False, True):
-        monkeypatch.setenv(weight_cache_rowwise.ENV_SWITCH, "1" if rowwise else "0")
         m = model("delayed")
-        forward_backward(m, 3)
+        with replacement("rowwise_weight_cache", rowwise):
+            forward_backward(m, 3)
         torch.cuda.synchronize()
         held[rowwise] = sum(t.numel() for ws in weight_cache_rowwise.cached_weights(m)
                             for t in (ws._data, ws._transpose) if t is not None)

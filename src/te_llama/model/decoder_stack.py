@@ -1,0 +1,118 @@
+"""``TELlamaModel``: HF's ``LlamaModel`` whose forward runs the decoder layers the way te-llama set them up.
+
+What must hold whenever the decoder layers run lives here, in the decoder stack's forward, and not in the causal-LM
+head's, so it holds whoever calls the stack: ``model(...)``, ``generate()``, or ``model.model(...)`` directly, as
+TRL's fused LM head and Liger-style patches do. One pass (:meth:`TELlamaModel.forward`):
+
+1. refuse ``torch.nn.DataParallel`` replicas (:func:`te_llama.training.distributed.refuse_data_parallel`);
+2. mark fixed-length batches as plain causal, skipping HF's mask creation (:mod:`te_llama.model.masks`);
+3. check FP8's token-count alignment (:func:`te_llama.training.fp8.check_token_alignment`);
+4. record or arm the CUDA graphs (:mod:`te_llama.training.cuda_graphs`);
+5. choose TE's ``is_first_microbatch`` for the FP8 weight cache (:mod:`te_llama.training.weight_cache`);
+6. run HF's forward under ``te.autocast`` with the model's recipe (:func:`te_llama.training.fp8.autocast`).
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LlamaModel
+
+from te_llama import te_patches
+from te_llama.model.masks import causal_marker
+from te_llama.training import cuda_graphs as graphs
+from te_llama.training.distributed import refuse_data_parallel
+from te_llama.training.fp8 import FP8Config, autocast, check_token_alignment, resolve_recipe_name
+from te_llama.training.weight_cache import FP8WeightCache
+
+
+@dataclass
+class StackSettings:
+    """A model's choices for its decoder layers, set through ``TELlamaForCausalLM``'s methods."""
+
+    fp8_config: FP8Config | None = None
+    fp8_recipe: Any = None  # TE's recipe object built from fp8_config; its identity is the FP8 state's key
+    cuda_graphs: bool = False
+    graph_peers: graphs.GraphPeers = field(default_factory=graphs.GraphPeers)
+    cache_fp8_weights: bool = False
+    weight_cache: FP8WeightCache | None = None
+
+    def fp8_active(self, training: bool) -> bool:
+        """Whether a forward in this mode runs in FP8 (training, or evaluation with ``in_eval``)."""
+        return self.fp8_recipe is not None and (training or self.fp8_config.in_eval)
+
+    @property
+    def fp8_recipe_name(self) -> str | None:
+        return None if self.fp8_config is None else resolve_recipe_name(self.fp8_config)
+
+
+class TELlamaModel(LlamaModel):
+    """``LlamaModel`` (embeddings, ``TELlamaDecoderLayer``s, final norm) that runs its layers under
+    :class:`StackSettings`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.te_settings = StackSettings()
+
+    @functools.wraps(LlamaModel.forward)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
+        refuse_data_parallel(self)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = input_ids if input_ids is not None else embeds[..., 0] if embeds is not None else None
+        if tokens is not None and attention_mask is None and position_ids is None and not args and not any(
+                kwargs.get(key) is not None for key in ("cache", "past_key_values")):
+            attention_mask = causal_marker(*tokens.shape)  # no host sync in HF's mask creation
+        with self._decoder_pass(tokens, attention_mask, kwargs):
+            return super().forward(input_ids, attention_mask, position_ids, *args, **kwargs)
+
+    @contextmanager
+    def _decoder_pass(self, tokens: torch.Tensor | None, attention_mask, kwargs: dict):
+        """Steps 3-6 of the module docstring; may add ``is_first_microbatch`` to ``kwargs`` (HF hands its keyword
+        arguments on to every layer)."""
+        settings = self.te_settings
+        training = self.training and torch.is_grad_enabled()
+        fp8 = settings.fp8_active(self.training)
+        if fp8:
+            check_token_alignment(settings.fp8_recipe_name, tokens)
+        caches = fp8 and training and settings.cache_fp8_weights
+        with ExitStack() as stack:
+            stack.enter_context(te_patches.rowwise_weight_cache_scope(caches))  # also while graphs are recorded
+            graph = self._graph_for(tokens, attention_mask, fp8, caches) if settings.cuda_graphs and training else None
+            if caches:
+                kwargs.setdefault("is_first_microbatch", self.weight_cache().is_first_microbatch(
+                    settings.fp8_recipe, always_cache=graph is not None and graph.caches_weights))
+            stack.enter_context(autocast(settings.fp8_recipe if fp8 else None))
+            stack.enter_context(graphs.armed(graph, wants_layer_outputs=any(
+                kwargs.get(key, getattr(self.config, key, False))
+                for key in ("output_hidden_states", "output_attentions"))))
+            try:
+                yield
+            except BaseException:
+                self.fp8_weights_changed()  # the cast this forward was to keep may not have happened
+                raise
+
+    def _graph_for(self, tokens: torch.Tensor, attention_mask, fp8: bool, caches: bool):
+        """The CUDA graph this training forward may replay, recorded first where needed (or ``None``)."""
+        settings = self.te_settings
+        # Graphs record TE's weight caching once the cache keeps casts (weights seen unchanged between two
+        # forwards): a graph recorded with caching casts the row-wise copy and transposes it in the backward
+        # even where every forward follows an optimizer step, a byte more per weight than TE's plain cast.
+        graphs.record_layer_graphs_once(
+            self, tokens.shape, attention_mask, settings.fp8_recipe if fp8 else None,
+            cache_weights=caches and self.weight_cache().keeps_casts(settings.fp8_recipe),
+            group=settings.graph_peers.group)
+        return self.layers[0].cuda_graph
+
+    def weight_cache(self) -> FP8WeightCache:
+        """When training forwards cast the FP8 weights and when they reuse the cast."""
+        if self.te_settings.weight_cache is None:
+            self.te_settings.weight_cache = FP8WeightCache(self.layers.parameters())
+        return self.te_settings.weight_cache
+
+    def fp8_weights_changed(self) -> None:
+        if self.te_settings.weight_cache is not None:
+            self.te_settings.weight_cache.weights_changed()

@@ -1,0 +1,191 @@
+"""``TELlamaDecoderLayer``: a Transformer Engine ``TransformerLayer`` configured as a Llama decoder layer.
+
+The class derives from ``transformer_engine.pytorch.TransformerLayer`` on the TE backend and from the
+pure-PyTorch reference (:mod:`te_llama.model.reference_layer`) otherwise; :func:`decoder_layer_class` builds it for a
+backend. It takes ``(config, layer_idx)`` like HF's ``LlamaDecoderLayer`` and accepts the call HF's
+``LlamaModel`` makes, so it can be swapped in while the model is built.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from te_llama import te_patches
+from te_llama.backend import Backend, resolve_backend, transformer_layer_base
+from te_llama.model.rope import RotaryAngles, softmax_scale
+
+
+class UnsupportedConfigError(ValueError):
+    """A Llama config field that Transformer Engine's TransformerLayer cannot express."""
+
+
+_UNSUPPORTED_FLAGS = ("use_qk_norm", "qk_norm", "qk_layernorm", "use_sliding_window", "attn_logit_softcapping")
+
+
+def check_config(config) -> None:
+    """Raise :class:`UnsupportedConfigError` naming the first field TE cannot express."""
+    model_type = getattr(config, "model_type", None)
+    if model_type != "llama":
+        raise UnsupportedConfigError(
+            f"model_type is {model_type!r}; te-llama converts Llama-architecture models (model_type 'llama') only"
+        )
+    if config.hidden_act != "silu":
+        raise UnsupportedConfigError(
+            f"hidden_act={config.hidden_act!r}: TE's fused MLP implements Llama's SwiGLU, which needs 'silu'"
+        )
+    if bool(config.attention_bias) != bool(config.mlp_bias):
+        raise UnsupportedConfigError(
+            f"attention_bias={config.attention_bias} but mlp_bias={config.mlp_bias}: TE's TransformerLayer has one "
+            "bias switch for all projections, so both must be equal"
+        )
+    for flag in _UNSUPPORTED_FLAGS:
+        if getattr(config, flag, None):
+            raise UnsupportedConfigError(f"{flag}={getattr(config, flag)!r} is not supported by te-llama's layer")
+    if getattr(config, "sliding_window", None) is not None:
+        raise UnsupportedConfigError(f"sliding_window={config.sliding_window}: te-llama uses full causal attention")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise UnsupportedConfigError(
+            f"num_attention_heads={config.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={config.num_key_value_heads}"
+        )
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        raise UnsupportedConfigError(f"pretraining_tp={config.pretraining_tp}: only 1 is supported")
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def transformer_layer_kwargs(config, layer_idx: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Arguments of ``TransformerLayer`` that make it compute a Llama decoder layer."""
+    std = config.initializer_range
+
+    def init_method(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return dict(
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_gqa_groups=config.num_key_value_heads,
+        kv_channels=head_dim(config),
+        layernorm_epsilon=config.rms_norm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=config.attention_dropout,
+        init_method=init_method,
+        output_layer_init_method=init_method,
+        layer_number=layer_idx + 1,  # TE counts layers from 1
+        self_attn_mask_type="causal",
+        params_dtype=dtype,
+        bias=bool(config.attention_bias),
+        activation="swiglu",
+        normalization="RMSNorm",
+        device=device,
+        attn_input_format="bshd",
+        fuse_qkv_params=False,
+    )
+
+
+def _set_softmax_scale(core_attention: torch.nn.Module, scale: float) -> None:
+    # TE keeps the scale on DotProductAttention and on each of its backends (flash, fused, unfused).
+    for module in core_attention.modules():
+        if hasattr(module, "softmax_scale"):
+            module.softmax_scale = scale
+
+
+class KVCacheNotSupportedError(NotImplementedError):
+    pass
+
+
+class _LlamaLayerAdapter:
+    """Maps the Llama config onto TransformerLayer and HF's decoder-layer call onto TE's forward."""
+
+    backend: Backend
+    cuda_graph = None
+    """The model's :class:`te_llama.training.cuda_graphs.StackGraph` once it has recorded CUDA graphs, else ``None``."""
+
+    def __init__(self, config, layer_idx: int):
+        check_config(config)
+        device = torch.get_default_device()
+        if self.backend == "te" and device.type == "cpu":
+            device = torch.device("cuda")
+        super().__init__(**transformer_layer_kwargs(config, layer_idx, device, torch.get_default_dtype()))
+        self.layer_idx = layer_idx
+        scale = softmax_scale(config)
+        if abs(scale * head_dim(config) ** 0.5 - 1.0) > 1e-12:
+            _set_softmax_scale(self.self_attention.core_attention, scale)
+
+    @staticmethod
+    def _refuse_cache_reuse(cache) -> None:
+        # The layers never fill HF's cache. A forward with use_cache=True is fine (the cache stays empty), but
+        # feeding that cache back, as generate(use_cache=True) does from its second step, would silently drop
+        # the prefix. The first layer marks the cache and refuses one it has seen.
+        if getattr(cache, "_te_llama_unfilled", False) or cache.get_seq_length() > 0:
+            raise KVCacheNotSupportedError(
+                "te-llama does not implement a KV cache yet, so a cache cannot be passed back in: use "
+                "use_cache=False (the default of TELlamaForCausalLM); generate() then recomputes the prefix."
+            )
+        cache._te_llama_unfilled = True
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        position_embeddings: RotaryAngles | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        cache = kwargs.pop("cache", None)
+        if cache is None:  # transformers < 5.20 names it past_key_values
+            cache = kwargs.pop("past_key_values", None)
+        if cache is not None and self.layer_idx == 0:
+            self._refuse_cache_reuse(cache)
+        if not isinstance(position_embeddings, RotaryAngles):
+            raise TypeError(
+                "TELlamaDecoderLayer expects position_embeddings from te_llama.model.rope.TERotaryEmbedding; build the "
+                "model with TELlamaForCausalLM or inside te_llama.replace_decoder_layer()"
+            )
+        mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
+        if self.cuda_graph is not None:
+            output = self.cuda_graph.layer_forward(self.layer_idx, hidden_states, mask.mask_type, angles,
+                                                   kwargs.get("is_first_microbatch"))
+            if output is not None:
+                return output
+        return self.te_forward(hidden_states, angles, mask.mask, mask.mask_type, kwargs.get("is_first_microbatch"))
+
+    def te_forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, mask: torch.Tensor | None,
+                   mask_type: str, is_first_microbatch: bool | None = None,
+                   weights_cached: bool | None = None) -> torch.Tensor:
+        """TE's ``TransformerLayer.forward`` with the inputs in TE's form (what a CUDA graph records).
+
+        ``weights_cached``: the FP8 weights come from TE's cache (:mod:`te_llama.training.weight_cache`), so the layer's
+        backward makes their transposes and then drops them (:mod:`te_llama.training.weight_cache_rowwise`). ``None``:
+        whether ``is_first_microbatch`` is given; a CUDA graph recorded with weight caching passes ``True``."""
+        if weights_cached is None:
+            weights_cached = is_first_microbatch is not None
+        if weights_cached and self.backend == "te" and te_patches.installed("rowwise_weight_cache"):
+            from te_llama.training.weight_cache_rowwise import drop_transposes_after_backward
+
+            hidden_states = drop_transposes_after_backward(self, hidden_states)
+        return super().forward(hidden_states, attention_mask=mask, self_attn_mask_type=mask_type,
+                               rotary_pos_emb=rotary_pos_emb, is_first_microbatch=is_first_microbatch)
+
+
+@functools.cache
+def _build(backend: Backend) -> type:
+    base = transformer_layer_base(backend)
+    return type(
+        "TELlamaDecoderLayer",
+        (_LlamaLayerAdapter, GradientCheckpointingLayer, base),
+        {"__module__": __name__, "__qualname__": "TELlamaDecoderLayer", "backend": backend,
+         "__doc__": f"Llama decoder layer on {base.__module__}.{base.__qualname__}."},
+    )
+
+
+def decoder_layer_class(backend: str | None = None) -> type:
+    """``TELlamaDecoderLayer`` for ``backend`` (``None``: ``$TE_LLAMA_BACKEND`` or automatic)."""
+    return _build(resolve_backend(backend))

@@ -1,0 +1,350 @@
+"""``TELlamaForCausalLM``: HF's ``LlamaForCausalLM`` whose decoder layers are ``TELlamaDecoderLayer``.
+
+Embeddings, final norm, LM head, ``generate()`` and the ``Trainer`` interface stay HF's. Loading reads a
+local HF checkpoint directory straight into TE's parameters; saving writes the standard HF layout back.
+Training forwards with labels compute the LM head and loss in chunks (:mod:`te_llama.model.lm_head_loss`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.initialization import no_init_weights
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from te_llama import te_patches
+from te_llama.backend import default_device, resolve_backend
+from te_llama.checkpoint.files import CheckpointError, weight_files, write_checkpoint
+from te_llama.training.cuda_graphs import CudaGraphError, GraphPeers, release_layer_graphs
+from te_llama.training.distributed import several_processes
+from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
+from te_llama.model.decoder_stack import TELlamaModel
+from te_llama.model.layer import check_config
+from te_llama.model.lm_head_loss import linear_cross_entropy
+from te_llama.checkpoint.loading import copy_hf_tensor, load_hf_weights
+from te_llama.model.patching import replace_decoder_layer
+from te_llama.checkpoint.weight_mapping import hf_names, hf_target, te_to_hf
+
+logger = logging.getLogger("te_llama")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(value, config=None) -> torch.dtype:
+    """A torch dtype from a dtype, a name, or ``"auto"``/``None`` (the config's dtype, else float32)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value is None or value == "auto":
+        value = getattr(config, "dtype", None) or "float32"
+        if isinstance(value, torch.dtype):
+            return value
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {value!r}; use one of: {', '.join(sorted(_DTYPES))}, auto")
+    return _DTYPES[name]
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def read_llama_config(directory: Path) -> LlamaConfig:
+    """``config.json`` of a local checkpoint as a ``LlamaConfig``, with errors that name the file."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    if raw.get("model_type") != "llama":
+        raise CheckpointError(
+            f"{path}: model_type is {raw.get('model_type')!r}; te-llama loads Llama-architecture checkpoints "
+            "(model_type 'llama') only"
+        )
+    return LlamaConfig.from_pretrained(directory)
+
+
+class TELlamaForCausalLM(LlamaForCausalLM):
+    """A ``LlamaForCausalLM`` with Transformer Engine decoder layers (or the reference layer on CPU)."""
+
+    _no_split_modules = ["TELlamaDecoderLayer"]
+    model: TELlamaModel
+
+    def __init__(self, config: LlamaConfig, backend: str | None = None, fp8: FP8Config | str | None = None):
+        backend = resolve_backend(backend)
+        check_config(config)
+        config = copy.deepcopy(config)
+        hf_use_cache = config.use_cache
+        config.use_cache = False  # no KV cache yet: generate() recomputes the prefix (see layer.py)
+        config._attn_implementation = "sdpa"  # HF builds masks for SDPA; layers convert them for TE
+        with replace_decoder_layer(backend):
+            super().__init__(config)
+        self.te_backend = backend
+        self._hf_use_cache = hf_use_cache
+        self.generation_config.use_cache = False
+        self.chunked_lm_head_loss = True
+        """Training forwards with labels compute LM head + loss without HF's float32 logits and return no logits
+        (see :mod:`te_llama.model.lm_head_loss`); ``False`` restores HF's full-logits path."""
+        if fp8 is not None:
+            self.enable_fp8(fp8)
+
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: LlamaConfig, *, torch_dtype=None, dtype=None, device=None,
+                    backend: str | None = None, fp8: FP8Config | str | None = None) -> TELlamaForCausalLM:
+        """A randomly initialised model (HF's init: normal(0, initializer_range) weights, unit norms)."""
+        backend = resolve_backend(backend)
+        dtype = resolve_dtype(dtype or torch_dtype or torch.float32)
+        with default_dtype(dtype), torch.device(device or default_device(backend)):
+            return cls(config, backend=backend, fp8=fp8)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype=None, dtype=None, device=None,
+                        backend: str | None = None, fp8: FP8Config | str | None = None) -> TELlamaForCausalLM:
+        """Load a local HF Llama checkpoint (safetensors or ``.bin``, single or sharded) into TE layers.
+
+        ``dtype``/``torch_dtype``: a torch dtype, a name (``"bfloat16"``) or ``"auto"`` (the checkpoint's).
+        ``device``: where the model lives (default: CUDA for the TE backend, CPU for the reference).
+        ``fp8``: an :class:`FP8Config` or recipe name to train in FP8 (see :meth:`enable_fp8`).
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"{path}: not a directory. te-llama loads local Hugging Face checkpoints; download one first "
+                "(for example `hf download ORG/MODEL --local-dir DIR`)."
+            )
+        config = read_llama_config(directory)
+        files = weight_files(directory)
+        backend = resolve_backend(backend)
+        dtype = resolve_dtype(dtype or torch_dtype, config)
+        with default_dtype(dtype), torch.device(device or default_device(backend)), no_init_weights():
+            model = cls(config, backend=backend)
+        model.tie_weights()
+        load_hf_weights(model, directory, files)
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+            model.generation_config.use_cache = False
+        model.eval()
+        if fp8 is not None:
+            model.enable_fp8(fp8)
+        return model
+
+    # -------------------------------------------------------------------------------------------------- FP8
+    def enable_fp8(self, fp8: FP8Config | str = "auto") -> TELlamaForCausalLM:
+        """Run the decoder layers under ``te.autocast`` with this recipe from now on (forward pass only).
+
+        Training forwards always use FP8; ``model.eval()`` forwards (evaluation, ``generate()``) use BF16
+        unless ``FP8Config(in_eval=True)``. Embeddings, final norm and LM head stay in high precision. This holds
+        wherever the decoder layers run, also when a tool calls ``model.model`` directly (TRL's fused LM head).
+        Raises :class:`FP8ConfigError` where FP8 cannot run; there is no silent BF16 fallback.
+        """
+        config = parse_fp8(fp8)
+        if config is None:
+            return self.disable_fp8()
+        if os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp8":
+            raise FP8ConfigError(
+                "accelerate is configured with mixed_precision=fp8, which would convert the LM head and wrap the "
+                "forward in a second autocast. Launch with --mixed_precision bf16; te-llama applies FP8 itself."
+            )
+        check_fp8_possible(self.te_backend, self.config)
+        from te_llama.training.fp8 import te_recipe
+
+        recipe = te_recipe(config)
+        if resolve_recipe_name(config) == "delayed" and te_patches.install("swiglu_backward"):
+            from te_llama.kernels.swiglu_backward import mark_recipe
+
+            mark_recipe(recipe, mlp_bias=bool(self.config.mlp_bias))
+        self.model.te_settings.fp8_recipe, self.model.te_settings.fp8_config = recipe, config
+        logger.info("FP8 training with recipe %s", describe(config))
+        return self
+
+    def disable_fp8(self) -> TELlamaForCausalLM:
+        self.model.te_settings.fp8_config, self.model.te_settings.fp8_recipe = None, None
+        return self
+
+    @property
+    def fp8_config(self) -> FP8Config | None:
+        """The FP8 settings in use (:meth:`enable_fp8`), or ``None`` when the model runs in BF16/FP32."""
+        return self.model.te_settings.fp8_config
+
+    @property
+    def fp8_recipe_name(self) -> str | None:
+        """The concrete recipe in use (``"delayed"``, ...), or ``None`` when the model runs in BF16/FP32."""
+        return self.model.te_settings.fp8_recipe_name
+
+    def fp8_active(self) -> bool:
+        """Whether the next forward runs in FP8 (training mode, or eval with ``in_eval``)."""
+        return self.model.te_settings.fp8_active(self.training)
+
+    @property
+    def cache_fp8_weights(self) -> bool:
+        """``True``: FP8 training forwards cast the decoder weights once per weight update and reuse the cast until
+        the weights change (gradient accumulation, passes without optimizer steps; see
+        :mod:`te_llama.training.weight_cache`, which also says why it is off by default). ``False``: a cast every
+        forward."""
+        return self.model.te_settings.cache_fp8_weights
+
+    @cache_fp8_weights.setter
+    def cache_fp8_weights(self, value: bool) -> None:
+        if value and self.te_backend == "te":
+            te_patches.install("rowwise_weight_cache")  # cached weights keep their row-wise FP8 copy alone
+        self.model.te_settings.cache_fp8_weights = bool(value)
+
+    def fp8_weights_changed(self) -> TELlamaForCausalLM:
+        """Cast the FP8 weights afresh at the next forward. Needed only after changing weights in ways neither an
+        optimizer step nor the parameters' version counters see (writes through ``param.data``, raw pointers);
+        see :mod:`te_llama.training.weight_cache`."""
+        self.model.fp8_weights_changed()
+        return self
+
+    def fp8_weight_reuses(self) -> int:
+        """Training forwards that reused cached FP8 weights instead of casting them."""
+        cache = self.model.te_settings.weight_cache
+        return 0 if cache is None else cache.reuses
+
+    @functools.wraps(LlamaForCausalLM.forward)
+    def forward(self, *args, **kwargs):
+        # FP8, CUDA graphs and the weight cache apply in the decoder stack's forward (TELlamaModel), whoever calls it.
+        if self._chunked_loss_applies(args, kwargs):
+            return self._forward_chunked_loss(**kwargs)
+        return super().forward(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ CUDA graphs
+    def enable_cuda_graphs(self) -> TELlamaForCausalLM:
+        """Replay the decoder layers as CUDA graphs in training steps of one fixed batch shape.
+
+        The graphs are recorded at the next training forward without padding (a few eager steps' time), for
+        that batch's shape, and again only when the FP8 recipe changes. Forwards they cannot serve (evaluation,
+        padded batches, other shapes such as an epoch's short last batch, gradient accumulation after the first
+        micro-batch) run eagerly as before; see :mod:`te_llama.training.cuda_graphs`. Calling this again records anew at the
+        next training forward. Gradient checkpointing cannot be combined with them.
+
+        Under DDP (several processes), every process calls it after ``torch.distributed.init_process_group()`` and
+        before wrapping the model in ``DistributedDataParallel``: it makes the decoder parameters' gradient
+        accumulators on a side stream, which recording the graphs needs, and a gloo group with which the processes
+        agree on every training forward whether to replay (see :class:`te_llama.training.cuda_graphs.GraphPeers`).
+        """
+        if self.te_backend != "te":
+            raise CudaGraphError("CUDA graphs need the Transformer Engine backend on a CUDA GPU; this model runs "
+                                 f"the {self.te_backend!r} layer (set TE_LLAMA_BACKEND=te on a GPU machine)")
+        if self.is_gradient_checkpointing:
+            raise CudaGraphError("gradient checkpointing is on: it recomputes the forward during the backward "
+                                 "pass, which a recorded graph cannot; turn one of them off")
+        release_layer_graphs(self.model.layers)
+        settings = self.model.te_settings
+        if several_processes() and settings.graph_peers.group is None:
+            settings.graph_peers = GraphPeers.start(self.model.layers.parameters())
+        settings.cuda_graphs = True
+        return self
+
+    def disable_cuda_graphs(self) -> TELlamaForCausalLM:
+        """Run the decoder layers eagerly again and free the graphs' memory."""
+        release_layer_graphs(self.model.layers)
+        self.model.te_settings.cuda_graphs = False
+        return self
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether training steps replay the decoder layers as CUDA graphs (:meth:`enable_cuda_graphs`)."""
+        return self.model.te_settings.cuda_graphs
+
+    def cuda_graph_replays(self) -> int:
+        """How many forwards of the first decoder layer replayed its graph since the graphs were last recorded."""
+        graph = self.model.layers[0].cuda_graph
+        return 0 if graph is None else graph.replays_done
+
+    def _chunked_loss_applies(self, args: tuple, kwargs: dict) -> bool:
+        # Training with labels, where nobody reads the logits: the Trainer's and a plain loop's training step.
+        return (self.chunked_lm_head_loss and self.training and torch.is_grad_enabled() and not args
+                and kwargs.get("labels") is not None and not kwargs.get("logits_to_keep")
+                and kwargs.get("return_dict") is not False
+                and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None  # not wrapped (LoRA, ...)
+                and getattr(self.config, "loss_type", None) in (None, "ForCausalLM"))
+
+    def _forward_chunked_loss(self, labels: torch.Tensor, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        """HF's forward with the LM head and loss fused in chunks: ``loss`` is set, ``logits`` is ``None``."""
+        outputs = self.model(**kwargs)
+        loss = linear_cross_entropy(
+            outputs.last_hidden_state, self.lm_head.weight, labels, shift_labels=kwargs.get("shift_labels"),
+            num_items_in_batch=kwargs.get("num_items_in_batch"), ignore_index=kwargs.get("ignore_index", -100))
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        # TE layers recompute under TE's checkpoint, which restores the FP8 autocast state and recipe for the
+        # recomputation; torch's checkpoint would recompute them outside FP8.
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        if enable and self.te_backend == "te":
+            import transformer_engine.pytorch as te
+
+            use_reentrant = getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False)
+            gradient_checkpointing_func = functools.partial(te.distributed.checkpoint, use_reentrant=use_reentrant)
+        return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------- saving
+    def hf_config(self) -> LlamaConfig:
+        """The config a plain ``LlamaForCausalLM`` should be saved with."""
+        config = copy.deepcopy(self.config)
+        config.architectures = ["LlamaForCausalLM"]
+        config.use_cache = self._hf_use_cache
+        config.dtype = self.dtype
+        return config
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        max_shard_size: int | str = "5GB", is_main_process: bool = True, **kwargs) -> None:
+        """Write a standard HF Llama checkpoint (``LlamaForCausalLM``, HF names, no FP8 state), atomically."""
+        if kwargs.get("push_to_hub"):
+            raise NotImplementedError("te-llama saves locally; push the saved directory with huggingface_hub")
+        if not is_main_process:
+            return
+        state = state_dict if state_dict is not None else self.state_dict()
+        tensors = te_to_hf(state, tie_word_embeddings=bool(self.config.tie_word_embeddings))
+        generation_config = copy.deepcopy(self.generation_config)
+        generation_config.use_cache = self._hf_use_cache
+        write_checkpoint(save_directory, tensors, self.hf_config(), generation_config, max_shard_size)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts te-llama names and also HF Llama names (a Trainer checkpoint, one shard of one), copying
+        HF tensors into TE's parameters the way :meth:`from_pretrained` does."""
+        hf_keys = {key for key in state_dict if _is_hf_name(key)}
+        if not hf_keys:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        params = dict(self.named_parameters())
+        tied = bool(self.config.tie_word_embeddings)
+        with torch.no_grad():
+            for key in hf_keys:
+                copy_hf_tensor(params, key, state_dict[key], tied)
+        rest = {k: v for k, v in state_dict.items() if k not in hf_keys}
+        result = super().load_state_dict(rest, strict=False, assign=assign)
+        covered = hf_keys | set(rest)
+        missing = [key for key in params if not all(name in covered or (tied and name == "lm_head.weight")
+                                                      for name in hf_names(key))]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"state dict does not match: missing {missing}, unexpected {result.unexpected_keys}")
+        return type(result)(missing, result.unexpected_keys)
+
+
+def _is_hf_name(key: str) -> bool:
+    try:
+        target = hf_target(key)
+    except KeyError:
+        return False
+    return target is not None and target[0] != key
