@@ -15,11 +15,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("step", ["kernel", "compiled"])
+@pytest.mark.parametrize("chunk_step", ["kernel", "compiled"])
 @pytest.mark.parametrize("fp8", [None, "delayed"])
-def test_chunked_loss_matches_full_logits_on_gpu(tmp_path, record, monkeypatch, fp8, step):
+def test_chunked_loss_matches_full_logits_on_gpu(tmp_path, record, monkeypatch, fp8, chunk_step):
     choose = lm_head_loss._chunk_step
-    monkeypatch.setattr(lm_head_loss, "_chunk_step", lambda device, _step="auto": choose(device, step))
+    monkeypatch.setattr(lm_head_loss, "_chunk_step", lambda device, _step="auto": choose(device, chunk_step))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
@@ -40,10 +40,10 @@ def test_chunked_loss_matches_full_logits_on_gpu(tmp_path, record, monkeypatch, 
     chunked_loss, chunked_grads = step(True)
     chosen = lm_head_loss._chunk_step(torch.device("cuda"))
     assert chosen is not lm_head_loss.loss_and_logit_grad_eager, "the chunk step fell back to eager"
-    assert chosen is (lm_head_loss.loss_and_logit_grad_kernel if step == "kernel" else lm_head_loss._compiled_step)
+    assert chosen is (lm_head_loss.loss_and_logit_grad_kernel if chunk_step == "kernel" else lm_head_loss._compiled_step)
     assert choose(torch.device("cuda")) is lm_head_loss.loss_and_logit_grad_kernel  # the default on a GPU
     worst = max(rel(chunked_grads[n], full_grads[n]) for n in full_grads)
-    record(test="chunked_lm_head_loss", fp8=fp8, step=step, loss_full=full_loss.item(),
+    record(test="chunked_lm_head_loss", fp8=fp8, step=chunk_step, loss_full=full_loss.item(),
            loss_chunked=chunked_loss.item(), worst_grad_rel=worst,
            lm_head_grad_rel=rel(chunked_grads["lm_head.weight"], full_grads["lm_head.weight"]))
     assert abs(chunked_loss.item() - full_loss.item()) < 2e-3 * full_loss.item()
