@@ -1,4 +1,4 @@
-"""Where one benchmark step spends its GPU time and memory (the profile behind benchmarks/NOTES.md).
+"""Where one benchmark step spends its GPU time and memory (the profiles behind docs/performance.md).
 
 For one variant and shape of ``te-llama bench``, after warm-up steps:
 
