@@ -192,3 +192,29 @@ def test_index_is_preferred_and_validated(hf_checkpoint):
     (directory / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid checkpoint index"):
         weight_files(directory)
+
+
+def test_hf_loading_arguments_do_what_hf_does(hf_checkpoint, tmp_path):
+    directory, hf = hf_checkpoint()
+    expected = logits(hf)
+    for kwargs in ({"device_map": "cpu"}, {"device_map": {"": "cpu"}}, {"device_map": "auto"},
+                   {"attn_implementation": "sdpa", "low_cpu_mem_usage": True, "trust_remote_code": True,
+                    "local_files_only": True}):
+        te = TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        assert te.device.type == "cpu"
+        assert relative_error(logits(te), expected) < 1e-5, kwargs
+    te = TELlamaForCausalLM.from_pretrained(tmp_path, subfolder=directory.name, dtype=torch.float32)
+    assert relative_error(logits(te), expected) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"attn_implementation": "flash_attention_2"}, "pass attn_implementation='sdpa' or leave it out"),
+    ({"device_map": {"model.embed_tokens": "cpu", "lm_head": "meta"}}, "spreads the model over 2 devices"),
+    ({"device_map": "cuda:0", "device": "cpu"}, "pass one of them"),
+    ({"quantization_config": object()}, "unsupported argument.s. quantization_config; it takes dtype"),
+])
+def test_hf_loading_arguments_te_llama_cannot_honour_are_errors(hf_checkpoint, kwargs, message):
+    from te_llama.model.hf_arguments import LoadingArgumentError
+
+    with pytest.raises(LoadingArgumentError, match=message):
+        TELlamaForCausalLM.from_pretrained(hf_checkpoint()[0], **kwargs)

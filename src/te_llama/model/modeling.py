@@ -28,6 +28,7 @@ from te_llama.training.cuda_graphs import CudaGraphError, GraphPeers, release_la
 from te_llama.training.distributed import several_processes
 from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.model.decoder_stack import TELlamaModel
+from te_llama.model.hf_arguments import loading_arguments
 from te_llama.model.layer import check_config
 from te_llama.model.lm_head_loss import linear_cross_entropy
 from te_llama.checkpoint.loading import copy_hf_tensor, load_hf_weights
@@ -117,14 +118,17 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype=None, dtype=None, device=None,
-                        backend: str | None = None, fp8: FP8Config | str | None = None) -> TELlamaForCausalLM:
+                        backend: str | None = None, fp8: FP8Config | str | None = None,
+                        **hf_kwargs) -> TELlamaForCausalLM:
         """Load a local HF Llama checkpoint (safetensors or ``.bin``, single or sharded) into TE layers.
 
         ``dtype``/``torch_dtype``: a torch dtype, a name (``"bfloat16"``) or ``"auto"`` (the checkpoint's).
         ``device``: where the model lives (default: CUDA for the TE backend, CPU for the reference).
         ``fp8``: an :class:`FP8Config` or recipe name to train in FP8 (see :meth:`enable_fp8`).
+        HF's loading arguments: see :func:`te_llama.model.hf_arguments.loading_arguments`.
         """
-        directory = Path(path)
+        device, subfolder = loading_arguments(hf_kwargs, device)
+        directory = Path(path) / subfolder if subfolder else Path(path)
         if not directory.is_dir():
             raise CheckpointError(
                 f"{path}: not a directory. te-llama loads local Hugging Face checkpoints; download one first "
