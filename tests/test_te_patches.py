@@ -22,10 +22,12 @@ def stand_in(monkeypatch):
     return module
 
 
-def test_install_is_explicit_idempotent_and_reversible(stand_in):
+def test_install_is_explicit_idempotent_and_reversible(stand_in, caplog):
     original = stand_in.scale
     assert not te_patches.installed("plus_one") and stand_in.scale(3) == 6  # nothing happens on its own
-    assert te_patches.install("plus_one")
+    with caplog.at_level(logging.INFO, logger="te_llama"):
+        assert te_patches.install("plus_one")
+    assert "replaced Transformer Engine's stand_in.scale (plus_one; te_llama.te_patches.remove('plus_one')" in caplog.text
     assert stand_in.scale(3) == 7 and stand_in.scale.original is original and te_patches.installed("plus_one")
     replaced = stand_in.scale
     assert te_patches.install("plus_one") and stand_in.scale is replaced  # a second install changes nothing

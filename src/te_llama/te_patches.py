@@ -125,6 +125,8 @@ def install(name: str) -> bool:
             setattr(wrapped, _MARKER, name)
             wrapped.original = original
             setattr(module, replacement.attribute, wrapped)
+            logger.info("replaced Transformer Engine's %s.%s (%s; te_llama.te_patches.remove(%r) undoes it)",
+                        module.__name__.removeprefix("transformer_engine.pytorch."), replacement.attribute, name, name)
     return True
 
 
