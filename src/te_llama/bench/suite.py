@@ -37,7 +37,7 @@ import torch
 from te_llama.training.adamw import AdamW
 from te_llama.training.adamw import describe as describe_optimizer
 from te_llama.bench.gpu_power import PowerSampler
-from te_llama.bench.variants import BASELINE, SUITE, BenchmarkArgumentError, Variant, is_variant  # noqa: F401
+from te_llama.bench.variants import BASELINE, SUITE, BenchmarkArgumentError, Variant
 from te_llama.model.layer import head_dim
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
