@@ -23,6 +23,7 @@ import torch
 from transformers import LlamaModel
 
 from te_llama import te_patches
+from te_llama.model.adapters import has_adapters
 from te_llama.model.masks import causal_marker
 from te_llama.training import cuda_graphs as graphs
 from te_llama.training.distributed import refuse_data_parallel
@@ -98,6 +99,9 @@ class TELlamaModel(LlamaModel):
     def _graph_for(self, tokens: torch.Tensor, attention_mask, fp8: bool, caches: bool):
         """The CUDA graph this training forward may replay, recorded first where needed (or ``None``)."""
         settings = self.te_settings
+        if has_adapters(self.layers):
+            raise graphs.CudaGraphError("CUDA graphs do not record PEFT adapters yet: call "
+                                        "model.disable_cuda_graphs() before adding LoRA adapters")
         # Graphs record TE's weight caching once the cache keeps casts (weights seen unchanged between two
         # forwards): a graph recorded with caching casts the row-wise copy and transposes it in the backward
         # even where every forward follows an optimizer step, a byte more per weight than TE's plain cast.

@@ -16,6 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from te_llama import te_patches
 from te_llama.backend import Backend, resolve_backend, transformer_layer_base
+from te_llama.model.adapters import active_adapters, add_projection_sites, forward_with_adapters
 from te_llama.model.rope import RotaryAngles, softmax_scale
 
 
@@ -118,6 +119,7 @@ class _LlamaLayerAdapter:
         scale = softmax_scale(config)
         if abs(scale * head_dim(config) ** 0.5 - 1.0) > 1e-12:
             _set_softmax_scale(self.self_attention.core_attention, scale)
+        add_projection_sites(self, config)  # HF's self_attn.q_proj ... mlp.down_proj, for PEFT (adapters.py)
 
     @staticmethod
     def _refuse_cache_reuse(cache) -> None:
@@ -150,6 +152,10 @@ class _LlamaLayerAdapter:
                 "model with TELlamaForCausalLM or inside te_llama.replace_decoder_layer()"
             )
         mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
+        adapters = active_adapters(self)
+        if adapters:
+            return forward_with_adapters(self, adapters, hidden_states, angles, mask.mask, mask.mask_type,
+                                         kwargs.get("is_first_microbatch"))
         if self.cuda_graph is not None:
             output = self.cuda_graph.layer_forward(self.layer_idx, hidden_states, mask.mask_type, angles,
                                                    kwargs.get("is_first_microbatch"))

@@ -27,6 +27,7 @@ from te_llama.checkpoint.files import CheckpointError, weight_files, write_check
 from te_llama.training.cuda_graphs import CudaGraphError, GraphPeers, release_layer_graphs
 from te_llama.training.distributed import several_processes
 from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
+from te_llama.model.adapters import has_adapters
 from te_llama.model.decoder_stack import TELlamaModel
 from te_llama.model.hf_arguments import loading_arguments
 from te_llama.model.layer import check_config
@@ -319,6 +320,10 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             raise NotImplementedError("te-llama saves locally; push the saved directory with huggingface_hub")
         if not is_main_process:
             return
+        if state_dict is None and has_adapters(self.model.layers):
+            raise CheckpointError(
+                f"{save_directory}: the model carries PEFT adapters; save them with the PeftModel's "
+                "save_pretrained (a standard adapter directory), or merge them first with merge_and_unload()")
         state = state_dict if state_dict is not None else self.state_dict()
         tensors = te_to_hf(state, tie_word_embeddings=bool(self.config.tie_word_embeddings))
         generation_config = copy.deepcopy(self.generation_config)

@@ -63,13 +63,14 @@ class LayerNormLinear(_Parameters):
             for name, size in splits:
                 self._add(f"{name}_bias", (size,), nn.init.zeros_, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks' outputs side by side in the last dimension, as TE's (one GEMM there, one per block here)."""
         normed = _rms_norm(x, self.layer_norm_weight, self.eps)
         outputs = []
         for name in self.split_names:
             bias = getattr(self, f"{name}_bias") if self.use_bias else None
             outputs.append(F.linear(normed, getattr(self, f"{name}_weight"), bias))
-        return outputs
+        return torch.cat(outputs, dim=-1)
 
 
 class Linear(_Parameters):
@@ -127,15 +128,19 @@ class MultiheadAttention(nn.Module):
         self.core_attention = DotProductAttention(num_heads, num_gqa_groups, kv_channels, dropout)
         self.proj = Linear(num_heads * kv_channels, hidden_size, bias, out_init, device, dtype)
 
-    def forward(self, x, attn_mask_type, attention_mask, rotary_pos_emb):
+    def forward(self, hidden_states, attention_mask=None, attn_mask_type="causal", rotary_pos_emb=None,
+                is_first_microbatch=None):
+        """TE's call and result: ``(output, bias)``; the bias is already in the output here, so it is ``None``."""
+        x = hidden_states
         b, s, _ = x.shape
-        q, k, v = self.layernorm_qkv(x)
+        q_size, kv_size = self.num_heads * self.kv_channels, self.num_gqa_groups * self.kv_channels
+        q, k, v = self.layernorm_qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(b, s, self.num_heads, self.kv_channels)
         k = k.view(b, s, self.num_gqa_groups, self.kv_channels)
         v = v.view(b, s, self.num_gqa_groups, self.kv_channels)
         if rotary_pos_emb is not None:
             q, k = apply_rotary(q, rotary_pos_emb), apply_rotary(k, rotary_pos_emb)
-        return self.proj(self.core_attention(q, k, v, attn_mask_type, attention_mask))
+        return self.proj(self.core_attention(q, k, v, attn_mask_type, attention_mask)), None
 
 
 class LayerNormMLP(_Parameters):
@@ -224,7 +229,8 @@ class TransformerLayer(nn.Module):
         if inference_params is not None:
             raise NotImplementedError("the reference TransformerLayer has no KV cache (inference_params)")
         mask_type = self_attn_mask_type or self.self_attn_mask_type
-        attention = self.self_attention(hidden_states, mask_type, attention_mask, rotary_pos_emb)
+        attention, _ = self.self_attention(hidden_states, attention_mask=attention_mask, attn_mask_type=mask_type,
+                                           rotary_pos_emb=rotary_pos_emb)
         hidden_states = hidden_states + F.dropout(attention, self.hidden_dropout, self.training)
         mlp = self.layernorm_mlp(hidden_states)
         return hidden_states + F.dropout(mlp, self.hidden_dropout, self.training)
