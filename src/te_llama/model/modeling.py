@@ -34,6 +34,7 @@ from te_llama.model.layer import check_config
 from te_llama.model.lm_head_loss import linear_cross_entropy
 from te_llama.checkpoint.loading import copy_hf_tensor, load_hf_weights
 from te_llama.model.patching import replace_decoder_layer
+from te_llama.model.pipelines import register_text_generation_name
 from te_llama.checkpoint.weight_mapping import hf_names, hf_target, te_to_hf
 
 logger = logging.getLogger("te_llama")
@@ -100,6 +101,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             super().__init__(config)
         self.te_backend = backend
         self._hf_use_cache = hf_use_cache
+        register_text_generation_name(type(self).__name__)
         self.generation_config.use_cache = False
         self.chunked_lm_head_loss = True
         """Training forwards with labels compute LM head + loss without HF's float32 logits and return no logits
