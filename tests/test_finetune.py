@@ -58,6 +58,40 @@ def test_finetune_writes_a_loadable_checkpoint_plot_and_summary(tiny_model, text
     assert "reference layer, FP8 off" in printed and "tokens_per_s" in printed and "eval_perplexity" in printed
 
 
+def test_finetune_lora_writes_a_peft_adapter_that_plain_hf_loads_and_a_merged_checkpoint(tiny_model, text_file,
+                                                                                            tmp_path, capsys):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    assert run(tiny_model, text_file, out, "--max-steps", "4", "--lora", "8", "--merge-lora") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    lora = summary["lora"]
+    assert lora["rank"] == 8 and lora["alpha"] == 16 and lora["targets"] == "all-linear"
+    assert 0 < lora["trainable_parameters"] < 0.2 * lora["parameters"]
+    assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert not any(path.name.startswith(".") for path in out.iterdir())  # no staging directory left behind
+    printed = capsys.readouterr().out
+    assert "LoRA: rank 8" in printed and "trainable parameters" in printed
+    # the adapter on plain HF equals the merged checkpoint, and the base was not changed
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    plain = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), out).eval()
+    merged = LlamaForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    base = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = plain(ids).logits
+        assert torch.allclose(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_finetune_lora_options_are_checked(tiny_model, text_file, tmp_path, capsys):
+    assert run(tiny_model, text_file, tmp_path / "a", "--lora", "4", "--lora-targets", "q_proj,qkv") == 2
+    assert "qkv is not a Llama projection" in capsys.readouterr().err
+    assert run(tiny_model, text_file, tmp_path / "b", "--merge-lora") == 2
+    assert "pass --lora RANK too" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_resume_continues_the_step_count(tiny_model, text_file, tmp_path):
     out = tmp_path / "run"
     assert run(tiny_model, text_file, out, "--max-steps", "4", "--save-every", "2") == 0

@@ -98,7 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seq-len", type=int, default=None, help="tokens per block (default 512 GPU / 256 CPU)")
     tune.add_argument("--batch-tokens", type=int, default=None, help="tokens per optimizer step, shared by the "
                       "processes under torchrun (default 4096 GPU / 1024 CPU)")
-    tune.add_argument("--learning-rate", type=float, default=5e-5)
+    tune.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default 5e-5, "
+                                                                         "2e-4 with --lora)")
+    tune.add_argument("--lora", type=int, default=None, metavar="RANK",
+                      help="train PEFT LoRA adapters of this rank on the frozen base; --output becomes a PEFT "
+                           "adapter directory (needs peft: pip install 'te-llama[lora]')")
+    tune.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    tune.add_argument("--lora-targets", default="all-linear",
+                      help="all-linear, or HF module names such as q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                           "down_proj")
+    tune.add_argument("--lora-dropout", type=float, default=0.0)
+    tune.add_argument("--merge-lora", action="store_true",
+                      help="also write base + adapters merged as a plain HF checkpoint in OUTPUT/merged")
     tune.add_argument("--eval-fraction", type=float, default=0.05, help="share of blocks held out for eval")
     tune.add_argument("--max-eval-blocks", type=int, default=None)
     tune.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
@@ -160,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from te_llama.bench.suite import BenchmarkArgumentError
     from te_llama.commands.finetune import FinetuneError, OutOfMemoryAdvice
+    from te_llama.commands.lora import LoraOptionError
 
     try:
         return args.run(args)
     except OutOfMemoryAdvice as error:
         print(f"te-llama {args.command}: out of GPU memory: {error}", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
-    except (*EXPECTED_ERRORS, BenchmarkArgumentError, FinetuneError) as error:
+    except (*EXPECTED_ERRORS, BenchmarkArgumentError, FinetuneError, LoraOptionError) as error:
         print(f"te-llama {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

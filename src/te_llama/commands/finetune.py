@@ -5,7 +5,9 @@ With no ``--model``/``--data`` it fine-tunes the embedded SmolLM2-135M-Instruct 
 after, logs loss, learning rate and tokens/s (stdout and TensorBoard when installed), checkpoints every N steps
 (resumable with ``--resume``: same data order, FP8 scaling state restored), stops cleanly on Ctrl-C/SIGTERM
 with a checkpoint, and leaves an HF checkpoint, a loss-curve PNG, a sample reply and ``summary.json`` in
-``--output``. Under ``torchrun --nproc_per_node N`` it trains on N GPUs with DDP
+``--output``. With ``--lora RANK`` it trains PEFT LoRA adapters on the frozen base instead (:mod:`te_llama.commands.lora`)
+and ``--output`` is a standard PEFT adapter directory, with the merged HF checkpoint in ``merged/`` on
+``--merge-lora``. Under ``torchrun --nproc_per_node N`` it trains on N GPUs with DDP
 (:mod:`te_llama.training.distributed`): ``--batch-tokens`` stays the tokens of one optimizer step, shared by the processes,
 and the first process prints and writes.
 """
@@ -32,6 +34,7 @@ from te_llama.training.distributed import ddp_options_of, start_processes, use_d
 from te_llama.commands.evaluate import perplexity
 from te_llama.training.fp8 import describe, parse_fp8
 from te_llama.commands.generate import generate_text
+from te_llama.commands.lora import add_lora, describe_lora, lora_settings, lora_summary, save_lora
 from te_llama.model.modeling import TELlamaForCausalLM, read_llama_config
 from te_llama.training.fp8_state import (
     CheckpointCompleteCallback,
@@ -63,7 +66,12 @@ class FinetuneConfig:
     max_steps: int | None = None  # default: 300 on a GPU, 12 on a CPU
     seq_len: int | None = None  # default: 512 on a GPU, 256 on a CPU
     batch_tokens: int | None = None  # tokens per optimizer step (all processes); default 4096 on a GPU, 1024 on a CPU
-    learning_rate: float = 5e-5
+    learning_rate: float | None = None  # default: 5e-5, or 2e-4 with --lora
+    lora: int | None = None  # LoRA rank: train PEFT LoRA adapters on the frozen base weights instead of all weights
+    lora_alpha: float | None = None  # LoRA scaling numerator; default 2 x rank
+    lora_targets: str = "all-linear"  # HF module names, comma-separated (q_proj,v_proj,...), or all-linear
+    lora_dropout: float = 0.0
+    merge_lora: bool = False  # also write base + adapters merged, as a plain HF checkpoint in OUTPUT/merged
     eval_fraction: float = 0.05
     max_eval_blocks: int | None = None  # default: 32 on a GPU, 6 on a CPU
     eval_every: int | None = None
@@ -85,6 +93,15 @@ def _defaults(config: FinetuneConfig, on_gpu: bool, processes: int = 1) -> Finet
     config.max_eval_blocks = config.max_eval_blocks or pick(32, 6)
     config.eval_every = config.eval_every or max(1, min(100, config.max_steps // 3))
     config.save_every = config.save_every or max(config.eval_every, config.max_steps // 2)
+    config.learning_rate = config.learning_rate or (2e-4 if config.lora else 5e-5)
+    if config.lora is not None and config.lora < 1:
+        raise FinetuneError(f"--lora {config.lora}: the LoRA rank must be a positive integer")
+    if config.merge_lora and not config.lora:
+        raise FinetuneError("--merge-lora merges LoRA adapters; pass --lora RANK too")
+    if config.lora and config.cuda_graphs:
+        raise FinetuneError("--cuda-graphs cannot record LoRA adapters yet; drop one of --lora and --cuda-graphs")
+    if config.lora:
+        lora_settings(config)  # checks --lora-targets before anything is written
     if config.batch_tokens < config.seq_len:
         raise FinetuneError(f"--batch-tokens {config.batch_tokens} is smaller than --seq-len {config.seq_len}")
     blocks = config.batch_tokens // config.seq_len
@@ -203,18 +220,19 @@ def finetune(config: FinetuneConfig) -> dict:
     wait_for_everyone()
 
     dtype = working_dtype(backend)
-    model = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8, device=processes.device)
+    base = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8, device=processes.device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        base.gradient_checkpointing_enable()
     if config.cuda_graphs:
-        model.enable_cuda_graphs()
+        base.enable_cuda_graphs()
+    model = add_lora(base, lora_settings(config), config.gradient_checkpointing) if config.lora else base
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = tokenize_and_pack(examples, tokenizer, config.seq_len)
     train_blocks, eval_blocks = split_blocks(blocks, config.eval_fraction, config.seed)
     eval_blocks = eval_blocks[: config.max_eval_blocks]
     blocks_per_step = config.batch_tokens // config.seq_len
     batch_size = blocks_per_step // processes.num_processes  # per process
-    precision = describe(model.fp8_config) if model.fp8_config else str(dtype).removeprefix("torch.")
+    precision = describe(base.fp8_config) if base.fp8_config else str(dtype).removeprefix("torch.")
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     if processes.num_processes > 1:
         device = f"{processes.num_processes} x {device} (DDP)"
@@ -225,6 +243,8 @@ def finetune(config: FinetuneConfig) -> dict:
         f"{config.max_steps} steps of {blocks_per_step} x {config.seq_len} tokens"
         + (f", {batch_size} x {config.seq_len} per process" if processes.num_processes > 1 else ""))
     board = f"{out / 'checkpoints' / 'runs'})" if _tensorboard_available() else "not installed, pip install tensorboard)"
+    if config.lora:
+        say(describe_lora(model, lora_settings(config)))
     say(f"output: {out} (checkpoints every {config.save_every} steps; TensorBoard: {board}")
 
     ppl_before = perplexity(model, eval_blocks, batch_size, progress=main)  # each process, the same blocks
@@ -256,8 +276,9 @@ def finetune(config: FinetuneConfig) -> dict:
         "status": "interrupted" if stopper.stopped else "completed",
         "model": str(model_dir), "data": data_name, "output": str(out), "backend": backend, "device": device,
         "processes": processes.num_processes, "ddp": ddp_options_of(trainer.model_wrapped),
-        "precision": precision, "fp8_recipe": model.fp8_recipe_name, "steps": trainer.state.global_step,
-        "cuda_graph_replays": model.cuda_graph_replays(), "fp8_weight_reuses": model.fp8_weight_reuses(),
+        "precision": precision, "fp8_recipe": base.fp8_recipe_name, "steps": trainer.state.global_step,
+        "cuda_graph_replays": base.cuda_graph_replays(), "fp8_weight_reuses": base.fp8_weight_reuses(),
+        "lora": lora_summary(model, lora_settings(config)) if config.lora else None,
         "optimizer": describe_optimizer(trainer.optimizer),
         "resumed_from": str(resume_from) if resume_from else None,
         "tokens": int(trainer.state.num_input_tokens_seen), "train_seconds": round(result.metrics["train_runtime"], 1),
@@ -273,13 +294,20 @@ def finetune(config: FinetuneConfig) -> dict:
     else:
         summary["eval_perplexity_after"] = perplexity(model, eval_blocks, batch_size, progress=main)
         if main:  # the others wait below: one writer, one sample
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
             print(f"eval perplexity after: {summary['eval_perplexity_after']:.3f} (before {ppl_before:.3f})")
-            print(f"saved HF checkpoint to {out}")
             print(f"sample, prompt: {SAMPLE_PROMPT}\nreply: ", end="", flush=True)
             text, _ = generate_text(model.eval(), tokenizer, SAMPLE_PROMPT, max_new_tokens=config.sample_tokens)
             summary["sample"] = {"prompt": SAMPLE_PROMPT, "reply": text}
+            if config.lora:
+                summary["lora"].update(save_lora(model, out, merge=config.merge_lora))
+                print(f"saved the LoRA adapter (PEFT) to {out}"
+                      + (f" and the merged HF checkpoint to {out / 'merged'}" if config.merge_lora else ""))
+            else:
+                model.save_pretrained(out)
+                print(f"saved HF checkpoint to {out}")
+            tokenizer.save_pretrained(out)
+            if config.merge_lora:
+                tokenizer.save_pretrained(out / "merged")
     summary["seconds"] = round(time.time() - started, 1)
     summary["log_history"] = trainer.state.log_history
     if main:
