@@ -47,6 +47,20 @@ def test_a_process_past_its_timeout_is_a_failed_row():
     assert rows[0]["status"] == "failed" and rows[0]["reason"] == "timeout after 0.5 s"
 
 
+def test_lora_rows_run_peft_on_both_sides_and_compare_with_hf_peft():
+    from te_llama.bench.suite import skip_reason
+    from te_llama.bench.variants import Variant
+
+    assert Variant.parse("te_fp8_delayed_lora") == Variant("te_fp8_delayed_lora", "te", recipe="delayed", lora=True)
+    assert Variant.parse("hf_bf16_lora").lora and Variant.parse("te_bf16_lora").baseline == "hf_bf16_lora"
+    assert skip_reason("te_fp8_delayed_graphs_lora", "tiny") == "CUDA graphs do not record PEFT adapters"
+    rows = run_suite(["tiny"], ["hf_bf16", "hf_bf16_lora", "te_bf16_lora"], steps=2, warmup=1)
+    by_variant = {row["variant"]: row for row in rows}
+    assert all(row["status"] == "ok" for row in rows), rows
+    assert by_variant["te_bf16_lora"]["speedup_vs_hf_bf16_lora"] > 0
+    assert "speedup_vs_hf_bf16" in by_variant["te_bf16_lora"]  # and against full fine-tuning, as ever
+
+
 def test_ratios_are_against_the_same_shape():
     rows = [dict(variant="hf_bf16", shape="A", status="ok", ms_per_step=200.0, peak_memory_gib=40.0),
             dict(variant="te_fp8_delayed", shape="A", status="ok", ms_per_step=100.0, peak_memory_gib=30.0),
@@ -275,7 +289,7 @@ def test_variant_names_parse_into_one_spec():
     for bad in ("te_bf16_cached", "te_bf16_fastacc", "te_fp8_delayed_cached_graphs", "te_fp8_delayed_graphs_fastacc",
                 "hf_bf16_cached", "hf_bf16_graphs", "te_fp8_nvfp9"):
         assert not is_variant(bad), bad
-    with pytest.raises(BenchmarkArgumentError, match="followed by _fastacc .FP8., _graphs, _cached .FP8., in that order"):
+    with pytest.raises(BenchmarkArgumentError, match="followed by _fastacc .FP8., _graphs, _cached .FP8., _lora, in that order"):
         Variant.parse("te_fp8_delayed_graphs_fastacc")
 
 

@@ -37,7 +37,7 @@ import torch
 from te_llama.training.adamw import AdamW
 from te_llama.training.adamw import describe as describe_optimizer
 from te_llama.bench.gpu_power import PowerSampler
-from te_llama.bench.variants import BASELINE, SUITE, BenchmarkArgumentError, Variant
+from te_llama.bench.variants import BASELINE, LORA, SUITE, BenchmarkArgumentError, Variant
 from te_llama.model.layer import head_dim
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -113,7 +113,7 @@ def build_model(name: str, shape: Shape, device: torch.device):
             if variant.cuda_graphs:
                 model.enable_cuda_graphs()
         model.cache_fp8_weights = variant.weight_cache
-        return model
+        return with_lora(model) if variant.lora else model
     from transformers import LlamaForCausalLM
 
     if name == "liger":
@@ -131,7 +131,13 @@ def build_model(name: str, shape: Shape, device: torch.device):
         float8.convert_to_float8_training(model, module_filter_fn=lambda module, name: name != "lm_head")
     if variant.compiled:
         compile_regions(model)
-    return model
+    return with_lora(model) if variant.lora else model
+
+
+def with_lora(model):
+    """``model`` under PEFT LoRA with the benchmark's adapters (:data:`te_llama.bench.variants.LORA`)."""
+    peft = _peer("peft", "peft")
+    return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
 
 
 def compile_regions(model) -> None:
@@ -168,10 +174,12 @@ def prepare_variant(variant: str, shape: Shape, device: torch.device):
     model = build_model(variant, shape, device)
     model.train()
     optimizer = None
-    if shape.optimizer and Variant.parse(variant).is_te:  # te-llama's own AdamW (te_llama.training.adamw)
-        optimizer = AdamW(model.parameters(), lr=1e-5)
-    elif shape.optimizer:  # what users of the peers pick: torch's fused AdamW
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    spec = Variant.parse(variant)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if shape.optimizer and spec.is_te and not spec.lora:  # te-llama's own AdamW (te_llama.training.adamw)
+        optimizer = AdamW(trainable, lr=1e-5)
+    elif shape.optimizer:  # what users of the peers pick, and both sides of a LoRA row: torch's fused AdamW
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
     ids = torch.randint(0, shape.config["vocab_size"], (shape.batch, shape.seq), device=device)
     return model, optimizer, ids
 
@@ -300,6 +308,10 @@ def skip_reason(name: str, shape: str = "tiny") -> str | None:
     import importlib.util
 
     variant = Variant.parse(name)
+    if variant.lora and variant.cuda_graphs:
+        return "CUDA graphs do not record PEFT adapters"
+    if variant.lora and importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
     if variant.weight_cache and SHAPES[shape].optimizer:
         return (f"the FP8 weight cache reuses a cast only between optimizer steps, and shape {shape} steps the "
                 "optimizer after every pass")
@@ -313,7 +325,7 @@ def skip_reason(name: str, shape: str = "tiny") -> str | None:
     if not torch.cuda.is_available():
         if shape != "tiny":
             return f"shape {shape} needs a CUDA GPU (use --shapes tiny on a CPU)"
-        return None if name in ("hf_bf16", "te_bf16") else "needs a CUDA GPU"
+        return None if name in ("hf_bf16", "te_bf16", "hf_bf16_lora", "te_bf16_lora") else "needs a CUDA GPU"
     peers = {"liger": ("liger_kernel", "liger-kernel"), "torchao_fp8": ("torchao", "torchao")}
     if name in peers and importlib.util.find_spec(peers[name][0]) is None:
         return f"{peers[name][1]} is not installed"
@@ -371,10 +383,19 @@ def run_suite(shapes: list[str], variants: list[str], steps: int = 10, warmup: i
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up and memory ratio of each row against the HF BF16 row of the same shape."""
-    base = {r["shape"]: r for r in rows if r["variant"] == BASELINE and r["status"] == "ok"}
+    """Speed-up and memory ratio of each row against the HF BF16 row of the same shape; LoRA rows also against
+    HF + PEFT LoRA (``*_vs_hf_bf16_lora``)."""
+    base = {(r["variant"], r["shape"]): r for r in rows if r["status"] == "ok"}
     for row in rows:
-        reference = base.get(row["shape"])
+        if row["status"] != "ok":
+            continue
+        baseline = Variant.parse(row["variant"]).baseline
+        reference = base.get((baseline, row["shape"]))
+        if baseline != BASELINE and reference:
+            row[f"speedup_vs_{baseline}"] = reference["ms_per_step"] / row["ms_per_step"]
+            if row.get("peak_memory_gib") and reference.get("peak_memory_gib"):
+                row[f"memory_vs_{baseline}"] = row["peak_memory_gib"] / reference["peak_memory_gib"]
+        reference = base.get((BASELINE, row["shape"]))
         if row["status"] == "ok" and reference:
             row["speedup_vs_hf_bf16"] = reference["ms_per_step"] / row["ms_per_step"]
             for key, ratio in (("peak_memory_gib", "memory_vs_hf_bf16"), ("peak_reserved_gib", "reserved_vs_hf_bf16")):
