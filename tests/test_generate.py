@@ -1,38 +1,133 @@
-"""generate(): greedy tokens identical to HF (reference backend, fp32), batched with left padding."""
+"""generate() with HF's KV cache: tokens identical to HF (reference backend, fp32) for every decoding mode."""
+
+import inspect
 
 import pytest
 import torch
+from transformers import DynamicCache, LlamaModel, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
-from conftest import tiny_config
-from te_llama import KVCacheNotSupportedError, TELlamaForCausalLM
+from conftest import relative_error, tiny_config
+from te_llama import TELlamaForCausalLM
+
+# transformers >= 5.20 calls the cache argument `cache`, 5.17 `past_key_values`
+CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
-@pytest.fixture
-def pair(hf_checkpoint):
-    directory, hf = hf_checkpoint(tiny_config(num_hidden_layers=3, eos_token_id=None, bos_token_id=None))
+@pytest.fixture(params=[False, True], ids=["no-bias", "bias"])
+def pair(request, hf_checkpoint):
+    config = tiny_config(num_hidden_layers=3, eos_token_id=None, bos_token_id=None,
+                         attention_bias=request.param, mlp_bias=request.param)
+    directory, hf = hf_checkpoint(config)
     return hf, TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
 
-def test_greedy_generation_matches_hf(pair):
+def prompt(seed=6, batch=1, length=7):
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(seed=7):
+    ids = prompt(seed, batch=3, length=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+class Calls:
+    """Counts the tokens each forward of the model feeds the decoder layers."""
+
+    def __init__(self, model):
+        self.lengths = []
+        model.model.layers[0].register_forward_pre_hook(lambda module, args: self.lengths.append(args[0].shape[1]))
+
+
+def test_greedy_generation_matches_hf_and_uses_the_cache(pair):
     hf, te = pair
-    prompt = torch.randint(1, 128, (1, 7), generator=torch.Generator().manual_seed(6))
-    expected = hf.generate(prompt, max_new_tokens=20, do_sample=False)
-    actual = te.generate(prompt, max_new_tokens=20, do_sample=False)
-    assert torch.equal(actual, expected)
+    calls = Calls(te)
+    expected = hf.generate(prompt(), max_new_tokens=20, do_sample=False)
+    assert torch.equal(te.generate(prompt(), max_new_tokens=20, do_sample=False), expected)
+    assert calls.lengths == [7] + [1] * 19  # the prompt once, then one token a step: the cache is used
 
 
 def test_batched_left_padded_generation_matches_hf(pair):
     hf, te = pair
-    ids = torch.randint(1, 128, (3, 9), generator=torch.Generator().manual_seed(7))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = left_padded()
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(te.generate(ids, **kwargs), hf.generate(ids, **kwargs))
 
 
-def test_asking_for_a_kv_cache_is_a_clear_error(pair):
+def test_without_a_cache_generation_recomputes_and_agrees(pair):
     _, te = pair
-    with pytest.raises(KVCacheNotSupportedError, match="use_cache=False"):
-        te.generate(torch.randint(1, 128, (1, 4)), max_new_tokens=2, use_cache=True)
+    ids, mask = left_padded(8)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(te.generate(ids, use_cache=False, **kwargs), te.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("mode", [
+    dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8),
+    dict(num_beams=3, do_sample=False),
+    dict(num_beams=2, do_sample=True, num_return_sequences=2),
+    dict(do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2),
+    dict(cache_implementation="static", do_sample=False),
+], ids=["sampling", "beam-search", "beam-sampling", "penalties", "static-cache"])
+def test_decoding_modes_match_hf(pair, mode):
+    hf, te = pair
+    ids, mask = left_padded(9)
+    outputs = []
+    for model in (hf, te):
+        torch.manual_seed(123)
+        outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, **mode))
+    assert torch.equal(outputs[1], outputs[0])
+
+
+def test_streamer_and_stopping_criteria(pair):
+    hf, te = pair
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 12, dtype=torch.bool)
+
+    results = []
+    for model in (hf, te):
+        streamer = Collect()
+        out = model.generate(prompt(), max_new_tokens=30, do_sample=False, streamer=streamer,
+                             stopping_criteria=StoppingCriteriaList([StopAfter()]))
+        results.append((out, streamer.chunks))
+    assert results[1][0].shape[1] == 12 and torch.equal(results[1][0], results[0][0])
+    assert results[1][1] == results[0][1]
+
+
+def test_forward_with_use_cache_returns_the_cache_and_continues_like_hf(pair):
+    hf, te = pair
+    ids = prompt(10, batch=2, length=8)
+    outputs = []
+    for model in (hf, te):
+        with torch.no_grad():
+            first = model(input_ids=ids[:, :5], use_cache=True)
+            cache = getattr(first, CACHE, None) or first.past_key_values
+            assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 5
+            second = model(input_ids=ids[:, 5:], use_cache=True, **{CACHE: cache})
+            whole = model(input_ids=ids).logits
+        outputs.append((second.logits, whole))
+    (hf_second, hf_whole), (te_second, te_whole) = outputs
+    assert relative_error(te_second, hf_second) < 1e-5
+    assert relative_error(te_second, te_whole[:, 5:]) < 1e-5  # the cached path equals TE's fused one
+
+
+def test_plain_forwards_make_no_cache(pair):
+    _, te = pair
+    with torch.no_grad():
+        output = te(input_ids=prompt())
+        assert getattr(output, CACHE, None) is None and output.past_key_values is None  # scoring keeps TE's fused layers
+    assert te.generation_config.use_cache is True

@@ -167,3 +167,14 @@ def test_saving_the_base_model_with_unmerged_adapters_says_what_to_do(pair, tmp_
     with pytest.raises(Exception, match="merge_and_unload"):
         te.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_generation_with_adapters_matches_hf_peft(pair, tmp_path):
+    hf, te = pair
+    torch.manual_seed(0)
+    get_peft_model(LlamaForCausalLM(hf.config), lora_config("all-linear")).save_pretrained(tmp_path / "adapter")
+    hf_peft = PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    te_peft = PeftModel.from_pretrained(te, tmp_path / "adapter")
+    ids = batch(7)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(te_peft.generate(input_ids=ids, **kwargs), hf_peft.generate(input_ids=ids, **kwargs))

@@ -7,7 +7,7 @@ import te_llama
 
 PUBLIC = [
     "AdamW", "BackendUnavailableError", "CheckpointError", "CudaGraphError", "FP8Config", "FP8ConfigError",
-    "FP8StateCallback", "KVCacheNotSupportedError", "TELlamaDecoderLayer", "TELlamaForCausalLM",
+    "FP8StateCallback", "TELlamaDecoderLayer", "TELlamaForCausalLM",
     "UnsupportedConfigError", "decoder_layer_class", "replace_decoder_layer", "resolve_backend",
 ]
 

@@ -15,7 +15,7 @@ from te_llama.backend import BackendUnavailableError, resolve_backend
 from te_llama.checkpoint.files import CheckpointError
 from te_llama.training.cuda_graphs import CudaGraphError
 from te_llama.training.fp8 import FP8Config, FP8ConfigError
-from te_llama.model.layer import KVCacheNotSupportedError, UnsupportedConfigError, decoder_layer_class
+from te_llama.model.layer import UnsupportedConfigError, decoder_layer_class
 from te_llama.model.modeling import TELlamaForCausalLM
 from te_llama.model.patching import replace_decoder_layer
 
@@ -29,7 +29,6 @@ __all__ = [
     "FP8Config",
     "FP8ConfigError",
     "FP8StateCallback",
-    "KVCacheNotSupportedError",
     "TELlamaDecoderLayer",
     "TELlamaForCausalLM",
     "UnsupportedConfigError",

@@ -191,7 +191,7 @@ def attention_adapters(attention: nn.Module, adapters: dict[str, nn.Module]):
         yield
 
 
-def _plus_bias(outputs) -> torch.Tensor:
+def plus_bias(outputs) -> torch.Tensor:
     output, bias = outputs if isinstance(outputs, tuple) else (outputs, None)
     return output if bias is None or bias.numel() == 0 else output + bias
 
@@ -207,7 +207,7 @@ def forward_with_adapters(layer: nn.Module, adapters: dict[str, nn.Module], hidd
         attention = layer.self_attention(hidden_states, attention_mask=mask, attn_mask_type=mask_type,
                                          rotary_pos_emb=rotary_pos_emb, is_first_microbatch=is_first_microbatch)
     # TE's TransformerLayer with hidden_dropout=0 and pre-norm: x + attention(x), then + mlp(...).
-    hidden_states = hidden_states + _plus_bias(attention)
+    hidden_states = hidden_states + plus_bias(attention)
     return hidden_states + unfused_mlp(layer, hidden_states, adapters, is_first_microbatch)
 
 

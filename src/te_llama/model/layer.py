@@ -17,6 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from te_llama import te_patches
 from te_llama.backend import Backend, resolve_backend, transformer_layer_base
 from te_llama.model.adapters import active_adapters, add_projection_sites, forward_with_adapters
+from te_llama.model.kv_cache import forward_with_cache
 from te_llama.model.rope import RotaryAngles, softmax_scale
 
 
@@ -98,10 +99,6 @@ def _set_softmax_scale(core_attention: torch.nn.Module, scale: float) -> None:
             module.softmax_scale = scale
 
 
-class KVCacheNotSupportedError(NotImplementedError):
-    pass
-
-
 class _LlamaLayerAdapter:
     """Maps the Llama config onto TransformerLayer and HF's decoder-layer call onto TE's forward."""
 
@@ -116,22 +113,12 @@ class _LlamaLayerAdapter:
             device = torch.device("cuda")
         super().__init__(**transformer_layer_kwargs(config, layer_idx, device, torch.get_default_dtype()))
         self.layer_idx = layer_idx
+        self.head_dim = head_dim(config)
+        self.attention_dropout = float(config.attention_dropout)
         scale = softmax_scale(config)
         if abs(scale * head_dim(config) ** 0.5 - 1.0) > 1e-12:
             _set_softmax_scale(self.self_attention.core_attention, scale)
         add_projection_sites(self, config)  # HF's self_attn.q_proj ... mlp.down_proj, for PEFT (adapters.py)
-
-    @staticmethod
-    def _refuse_cache_reuse(cache) -> None:
-        # The layers never fill HF's cache. A forward with use_cache=True is fine (the cache stays empty), but
-        # feeding that cache back, as generate(use_cache=True) does from its second step, would silently drop
-        # the prefix. The first layer marks the cache and refuses one it has seen.
-        if getattr(cache, "_te_llama_unfilled", False) or cache.get_seq_length() > 0:
-            raise KVCacheNotSupportedError(
-                "te-llama does not implement a KV cache yet, so a cache cannot be passed back in: use "
-                "use_cache=False (the default of TELlamaForCausalLM); generate() then recomputes the prefix."
-            )
-        cache._te_llama_unfilled = True
 
     def forward(
         self,
@@ -144,15 +131,15 @@ class _LlamaLayerAdapter:
         cache = kwargs.pop("cache", None)
         if cache is None:  # transformers < 5.20 names it past_key_values
             cache = kwargs.pop("past_key_values", None)
-        if cache is not None and self.layer_idx == 0:
-            self._refuse_cache_reuse(cache)
         if not isinstance(position_embeddings, RotaryAngles):
             raise TypeError(
                 "TELlamaDecoderLayer expects position_embeddings from te_llama.model.rope.TERotaryEmbedding; build the "
                 "model with TELlamaForCausalLM or inside te_llama.replace_decoder_layer()"
             )
-        mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
         adapters = active_adapters(self)
+        if cache is not None:  # generate(), or any forward with use_cache=True (kv_cache.py)
+            return forward_with_cache(self, hidden_states, attention_mask, position_embeddings, cache, adapters)
+        mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
         if adapters:
             return forward_with_adapters(self, adapters, hidden_states, angles, mask.mask, mask.mask_type,
                                          kwargs.get("is_first_microbatch"))

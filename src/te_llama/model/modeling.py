@@ -95,14 +95,16 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         check_config(config)
         config = copy.deepcopy(config)
         hf_use_cache = config.use_cache
-        config.use_cache = False  # no KV cache yet: generate() recomputes the prefix (see layer.py)
+        # Plain forwards build no KV cache (training and scoring keep TE's fused layers); generate() asks for one
+        # through its generation config, as HF's does, and the layers then run with it (kv_cache.py).
+        config.use_cache = False
         config._attn_implementation = "sdpa"  # HF builds masks for SDPA; layers convert them for TE
         with replace_decoder_layer(backend):
             super().__init__(config)
         self.te_backend = backend
         self._hf_use_cache = hf_use_cache
         register_text_generation_name(type(self).__name__)
-        self.generation_config.use_cache = False
+        self.generation_config.use_cache = hf_use_cache
         self.chunked_lm_head_loss = True
         """Training forwards with labels compute LM head + loss without HF's float32 logits and return no logits
         (see :mod:`te_llama.model.lm_head_loss`); ``False`` restores HF's full-logits path."""
@@ -147,7 +149,6 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         load_hf_weights(model, directory, files)
         if (directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
-            model.generation_config.use_cache = False
         model.eval()
         if fp8 is not None:
             model.enable_fp8(fp8)

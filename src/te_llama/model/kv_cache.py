@@ -1,0 +1,80 @@
+"""The decoder layer with Hugging Face's KV cache: what ``generate()`` (and any forward with ``use_cache=True``) runs.
+
+TE's fused ``TransformerLayer`` takes the whole sequence at once and keeps no keys and values. A forward that
+carries an HF ``Cache`` (``DynamicCache``, ``StaticCache``, ..., whatever ``generate()`` made) therefore runs the
+layer's TE modules one by one, with the cache between them:
+
+    layernorm_qkv (TE) -> RoPE at each row's positions -> cache.update(k, v) -> SDPA over the cached keys and
+    values, with HF's mask -> proj (TE) -> residual -> layernorm_mlp (TE) -> residual
+
+So greedy decoding, sampling, beam search (HF reorders its own cache), left-padded batches, stopping criteria,
+streamers and ``pipeline()`` work as in HF, on HF's cache objects. Using HF's ``Cache`` rather than TE's
+``InferenceParams`` keeps every cache type and cache operation ``generate()`` knows. PEFT adapters apply here
+too (:mod:`te_llama.model.adapters`). Forwards without a cache (training, scoring) keep TE's fused layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from te_llama.model.adapters import MLP_SITES, attention_adapters, plus_bias, unfused_mlp
+from te_llama.model.masks import is_causal_marker
+from te_llama.model.rope import RotaryAngles
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``[b, s, 1, head_dim]`` float32 angles for each row's own positions ``[b, s]`` (HF's rotate_half layout)."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
+    return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` ``[b, s, h, d]``, computed in float32 as TE's fused RoPE does."""
+    rot = angles.shape[-1]
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    out = x_rot * angles.cos() + _rotate_half(x_rot) * angles.sin()
+    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+
+
+def sdpa_mask(hf_mask: torch.Tensor | None, query_length: int) -> tuple[torch.Tensor | None, bool]:
+    """(boolean mask, ``True`` = attend, or ``None``; ``is_causal``) for SDPA from the mask HF made.
+
+    HF gives ``None`` where plain causal attention is right (no padding, and the queries are the whole sequence or
+    one token). A query row with nothing to attend to (left padding) may attend to everything: its output is
+    padding, but it must not be NaN."""
+    if hf_mask is None or is_causal_marker(hf_mask):
+        return None, query_length > 1
+    allowed = hf_mask if hf_mask.dtype == torch.bool else hf_mask == 0
+    return allowed | ~allowed.any(dim=-1, keepdim=True), False
+
+
+def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                       rotary: RotaryAngles, cache, adapters: dict[str, nn.Module]) -> torch.Tensor:
+    """One decoder layer on ``hidden_states`` ``[b, s, hidden]``, reading and extending ``cache``."""
+    attention = layer.self_attention
+    qkv_module = attention.layernorm_qkv
+    b, s, _ = hidden_states.shape
+    head = layer.head_dim
+    sizes = (qkv_module.query_weight.shape[0], qkv_module.key_weight.shape[0], qkv_module.value_weight.shape[0])
+    with attention_adapters(attention, adapters):
+        q, k, v = qkv_module(hidden_states).split(sizes, dim=-1)
+        q, k, v = q.view(b, s, -1, head), k.view(b, s, -1, head), v.view(b, s, -1, head)
+        angles = rotary_angles(rotary.position_ids.expand(b, s), rotary.inv_freq)
+        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer.layer_idx)
+        mask, is_causal = sdpa_mask(attention_mask, s)
+        context = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
+            dropout_p=layer.attention_dropout if layer.training else 0.0,
+            scale=attention.core_attention.softmax_scale)
+        hidden_states = hidden_states + plus_bias(attention.proj(context.transpose(1, 2).reshape(b, s, -1)))
+    if any(name in adapters for name in MLP_SITES):
+        return hidden_states + unfused_mlp(layer, hidden_states, adapters, None)
+    return hidden_states + plus_bias(layer.layernorm_mlp(hidden_states))
