@@ -72,10 +72,16 @@ def _convert(args) -> int:
 
 
 def _bench(args) -> int:
-    from te_llama.bench.suite import bench
+    if args.generation:
+        from te_llama.bench.generation import VARIANTS, bench_generation
 
-    rows = bench(shapes=args.shapes, variants=args.variants, steps=args.steps, warmup=args.warmup, output=args.output,
-                 timeout=args.timeout)
+        rows = bench_generation(args.shapes or "1B-b1,1B-b16,1B-b64,8B-b1", args.variants or ",".join(VARIANTS),
+                                args.output, args.timeout)
+        return 0 if all(row["status"] in ("ok", "skipped") for row in rows) else 1
+    from te_llama.bench.suite import VARIANTS, bench
+
+    rows = bench(shapes=args.shapes or "A,B,C", variants=args.variants or ",".join(VARIANTS), steps=args.steps,
+                 warmup=args.warmup, output=args.output, timeout=args.timeout)
     return 0 if all(row["status"] in ("ok", "skipped") for row in rows) else 1
 
 
@@ -156,8 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     from te_llama.bench.suite import SHAPES, VARIANTS
 
     bench = commands.add_parser("bench", help="te-llama vs HF, torch.compile, Liger, torchao: one table + JSON")
-    bench.add_argument("--shapes", default="A,B,C", help=f"comma-separated, of: {', '.join(SHAPES)}")
-    bench.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    from te_llama.bench import generation
+
+    bench.add_argument("--generation", action="store_true",
+                       help="benchmark greedy generation instead of training (its own shapes and variants)")
+    bench.add_argument("--shapes", default=None, help=f"comma-separated, of: {', '.join(SHAPES)} (default A,B,C); "
+                       f"with --generation: {', '.join(generation.SHAPES)} (default 1B-b1,1B-b16,1B-b64,8B-b1)")
+    bench.add_argument("--variants", default=None, help="comma-separated variants (default: the suite); with "
+                       f"--generation: {', '.join(generation.VARIANTS)}")
     bench.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--output", default="bench.json")

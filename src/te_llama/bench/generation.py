@@ -1,0 +1,188 @@
+"""``te-llama bench --generation``: greedy generation speed and memory against HF, side by side on one GPU.
+
+Each (variant, shape) runs in its own process, one after the other. A row: time to first token (the prompt's
+forward and one token), decode ms per token and tokens/s over the remaining new tokens, and peak memory. Random
+weights and prompts; ``min_new_tokens`` equals ``max_new_tokens``, so every row generates the same count.
+
+Variants: ``hf_dynamic`` (HF with its default ``DynamicCache``), ``hf_static_compile`` (HF's fast path: a static
+cache, whose decode step ``generate()`` compiles itself; skipped with the reason where it fails), and ``te_bf16``
+(te-llama with HF's cache, :mod:`te_llama.model.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from te_llama.bench.suite import LLAMA3_8B, RESULT_PREFIX, environment
+from te_llama.bench.variants import BenchmarkArgumentError
+
+LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=64, rope_theta=500000.0, max_position_embeddings=8192,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True)
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class GenerationShape:
+    config: dict
+    layers: int
+    batch: int
+    prompt: int = 128
+    new_tokens: int = 128
+
+    def llama_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**{**self.config, "num_hidden_layers": self.layers, "eos_token_id": None,
+                              "bos_token_id": None, "pad_token_id": 0})
+
+
+SHAPES = {
+    "1B-b1": GenerationShape(LLAMA32_1B, 16, 1), "1B-b16": GenerationShape(LLAMA32_1B, 16, 16),
+    "1B-b64": GenerationShape(LLAMA32_1B, 16, 64), "8B-b1": GenerationShape(LLAMA3_8B, 32, 1),
+    "8B-b16": GenerationShape(LLAMA3_8B, 32, 16), "8B-b64": GenerationShape(LLAMA3_8B, 32, 64),
+    "tiny": GenerationShape(TINY, 2, 2, prompt=16, new_tokens=8),
+}
+VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16")
+BASELINE = "hf_dynamic"
+
+
+def build(variant: str, shape: GenerationShape, device: torch.device):
+    from transformers import LlamaForCausalLM
+
+    from te_llama.model.modeling import TELlamaForCausalLM, default_dtype
+
+    config = shape.llama_config()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    if variant == "te_bf16":
+        return TELlamaForCausalLM.from_config(config, dtype=dtype, device=device).eval()
+    config._attn_implementation = "sdpa"
+    with default_dtype(dtype), torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    if variant == "hf_static_compile":
+        model.generation_config.cache_implementation = "static"
+    return model
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds of one greedy ``generate()`` of exactly ``new_tokens`` tokens."""
+    _synchronize(ids.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    _synchronize(ids.device)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - start
+
+
+def run(variant: str, shape_name: str, repeats: int = 3) -> dict:
+    shape = SHAPES[shape_name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(variant, shape, device)
+    ids = torch.randint(1, shape.config["vocab_size"], (shape.batch, shape.prompt), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    timed_generate(model, ids, shape.new_tokens)  # warm-up: kernels, compilation, the static cache's allocation
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first = min(timed_generate(model, ids, 1) for _ in range(repeats))
+    whole = min(timed_generate(model, ids, shape.new_tokens) for _ in range(repeats))
+    decode_ms = 1000 * (whole - first) / (shape.new_tokens - 1)
+    return {"variant": variant, "shape": shape_name, "status": "ok", "batch": shape.batch, "prompt": shape.prompt,
+            "new_tokens": shape.new_tokens, "time_to_first_token_ms": 1000 * first, "ms_per_token": decode_ms,
+            "tokens_per_s": shape.batch * 1000 / decode_ms,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def _run_worker(variant: str, shape: str, timeout: int) -> dict:
+    command = [sys.executable, "-m", "te_llama.bench.generation", "--worker", variant, "--shape", shape]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "shape": shape, "status": "failed", "reason": f"timeout after {timeout} s"}
+    for line in result.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    reason = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    status = "skipped" if variant == "hf_static_compile" else "failed"  # HF's fast path where it fails: said why
+    return {"variant": variant, "shape": shape, "status": status, "reason": reason}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's decode speed-up and memory against ``hf_dynamic`` of the same shape."""
+    base = {row["shape"]: row for row in rows if row["variant"] == BASELINE and row["status"] == "ok"}
+    for row in rows:
+        reference = base.get(row["shape"])
+        if row["status"] == "ok" and reference:
+            row["speedup_vs_hf_dynamic"] = reference["ms_per_token"] / row["ms_per_token"]
+            if row["peak_memory_gib"] and reference["peak_memory_gib"]:
+                row["memory_vs_hf_dynamic"] = row["peak_memory_gib"] / reference["peak_memory_gib"]
+
+
+def format_row(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['shape']:7s} {row['variant']:18s} {row['status']}: {row.get('reason', '')}"
+    speedup = f"{row['speedup_vs_hf_dynamic']:6.2f}x" if "speedup_vs_hf_dynamic" in row else f"{'':7s}"
+    memory = f"{row['peak_memory_gib']:8.2f}" if row["peak_memory_gib"] is not None else f"{'-':>8s}"
+    return (f"{row['shape']:7s} {row['variant']:18s} {row['time_to_first_token_ms']:9.1f} {row['ms_per_token']:9.2f} "
+            f"{speedup} {row['tokens_per_s']:9.0f} {memory}")
+
+
+HEADER = f"{'shape':7s} {'variant':18s} {'TTFT ms':>9s} {'ms/token':>9s} {'speedup':>7s} {'tokens/s':>9s} {'peak GiB':>8s}"
+
+
+def bench_generation(shapes: str, variants: str, output: str, timeout: int = 600) -> list[dict]:
+    """Run the generation suite, print the table, write ``output`` (JSON with GPU and versions)."""
+    shape_list, variant_list = shapes.split(","), variants.split(",")
+    for name, known, what in ((shape_list, SHAPES, "shape"), (variant_list, VARIANTS, "variant")):
+        unknown = [item for item in name if item not in known]
+        if unknown:
+            raise BenchmarkArgumentError(f"unknown generation {what}: {', '.join(unknown)} "
+                                         f"({what}s: {', '.join(known)})")
+    env = environment()
+    print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
+    print(HEADER)
+    rows = []
+    for shape in shape_list:
+        for variant in variant_list:
+            rows.append(_run_worker(variant, shape, timeout))
+            print(format_row(rows[-1]), flush=True)
+    add_ratios(rows)
+    report = {"command": f"te-llama bench --generation --shapes {shapes} --variants {variants}",
+              "environment": env, "rows": rows}
+    partial = output + ".partial"
+    with open(partial, "w") as handle:
+        json.dump(report, handle, indent=1)
+    os.replace(partial, output)
+    print("\n" + HEADER)
+    for row in rows:
+        print(format_row(row))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one generation benchmark row (internal: te-llama bench --generation)")
+    parser.add_argument("--worker", required=True, choices=VARIANTS)
+    parser.add_argument("--shape", required=True, choices=list(SHAPES))
+    args = parser.parse_args()
+    print(RESULT_PREFIX + json.dumps(run(args.worker, args.shape)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
