@@ -131,3 +131,13 @@ def test_plain_forwards_make_no_cache(pair):
         output = te(input_ids=prompt())
         assert getattr(output, CACHE, None) is None and output.past_key_values is None  # scoring keeps TE's fused layers
     assert te.generation_config.use_cache is True
+
+
+def test_fp8_in_eval_generation_with_unaligned_tokens_says_what_to_do(pair):
+    from te_llama import FP8Config, FP8ConfigError
+
+    _, te = pair
+    settings = te.model.te_settings  # as enable_fp8 sets them, without TE (the check runs before TE is touched)
+    settings.fp8_config, settings.fp8_recipe = FP8Config(recipe="delayed", in_eval=True), object()
+    with pytest.raises(FP8ConfigError, match=r"generate\(\) with FP8Config\(in_eval=True\)"):
+        te.generate(prompt(length=7), max_new_tokens=3, do_sample=False)

@@ -27,7 +27,7 @@ from te_llama.model.adapters import has_adapters
 from te_llama.model.masks import causal_marker
 from te_llama.training import cuda_graphs as graphs
 from te_llama.training.distributed import refuse_data_parallel
-from te_llama.training.fp8 import FP8Config, autocast, check_token_alignment, resolve_recipe_name
+from te_llama.training.fp8 import FP8Config, FP8ConfigError, autocast, check_token_alignment, resolve_recipe_name
 from te_llama.training.weight_cache import FP8WeightCache
 
 
@@ -78,7 +78,14 @@ class TELlamaModel(LlamaModel):
         training = self.training and torch.is_grad_enabled()
         fp8 = settings.fp8_active(self.training)
         if fp8:
-            check_token_alignment(settings.fp8_recipe_name, tokens)
+            try:
+                check_token_alignment(settings.fp8_recipe_name, tokens)
+            except FP8ConfigError as error:
+                if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                    raise
+                raise FP8ConfigError(f"{error} generate() with FP8Config(in_eval=True) feeds one token per row at "
+                                     "each step: generate in BF16 (in_eval=False, the default) or with a "
+                                     "batch size divisible by the alignment") from error
         caches = fp8 and training and settings.cache_fp8_weights
         with ExitStack() as stack:
             stack.enter_context(te_patches.rowwise_weight_cache_scope(caches))  # also while graphs are recorded
