@@ -21,26 +21,8 @@ from torch import nn
 
 from te_llama.model.adapters import MLP_SITES, attention_adapters, plus_bias, unfused_mlp
 from te_llama.model.masks import is_causal_marker
-from te_llama.model.rope import RotaryAngles
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``[b, s, 1, head_dim]`` float32 angles for each row's own positions ``[b, s]`` (HF's rotate_half layout)."""
-    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
-    return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-
-
-def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``x`` ``[b, s, h, d]``, computed in float32 as TE's fused RoPE does."""
-    rot = angles.shape[-1]
-    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
-    out = x_rot * angles.cos() + _rotate_half(x_rot) * angles.sin()
-    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+from te_llama.model.reference_layer import rotate
+from te_llama.model.rope import RotaryAngles, angles_at
 
 
 def sdpa_mask(hf_mask: torch.Tensor | None, query_length: int) -> tuple[torch.Tensor | None, bool]:
@@ -66,8 +48,8 @@ def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_
     with attention_adapters(attention, adapters):
         q, k, v = qkv_module(hidden_states).split(sizes, dim=-1)
         q, k, v = q.view(b, s, -1, head), k.view(b, s, -1, head), v.view(b, s, -1, head)
-        angles = rotary_angles(rotary.position_ids.expand(b, s), rotary.inv_freq)
-        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        angles = angles_at(rotary.position_ids.expand(b, s), rotary.inv_freq)[:, :, None, :]  # each row's positions
+        q, k = rotate(q, angles), rotate(k, angles)  # float32, as TE's fused RoPE
         keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer.layer_idx)
         mask, is_causal = sdpa_mask(attention_mask, s)
         context = F.scaled_dot_product_attention(

@@ -30,7 +30,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """RoPE on ``x`` ``[b, s, h, d]`` with TE's ``[s, 1, 1, d]`` float32 angle table (non-interleaved)."""
-    angles = angles[: x.shape[1]].transpose(0, 1)  # [1, s, 1, d]
+    return rotate(x, angles[: x.shape[1]].transpose(0, 1))  # [1, s, 1, d]
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` ``[b, s, h, d]`` with float32 angles broadcastable to ``[b, s, 1, d]``, computed in float32."""
     rot = angles.shape[-1]
     x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
     out = x_rot * angles.cos() + _rotate_half(x_rot) * angles.sin()

@@ -70,8 +70,13 @@ def shared_positions(position_ids: torch.Tensor, valid_tokens: torch.Tensor | No
 def angle_table(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """TE's RoPE input: the angle of each position and rotary dim, ``[seq, 1, 1, head_dim]`` float32, both halves
     of a head the same (HF's ``rotate_half`` convention)."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device, torch.float32)[None, :]
-    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :].contiguous()
+    return angles_at(positions, inv_freq)[:, None, None, :].contiguous()
+
+
+def angles_at(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The float32 RoPE angle of each position (any shape) and rotary dim: ``[*positions.shape, head_dim]``."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
+    return torch.cat((freqs, freqs), dim=-1)
 
 
 class RotaryAngles:
