@@ -333,3 +333,34 @@ def test_generation_bench_runs_each_row_in_a_process_and_writes_json(tmp_path, c
     assert rows["te_bf16"]["time_to_first_token_ms"] > 0 and report["environment"]["gpu"] == "cpu"
     assert main(["bench", "--generation", "--shapes", "A"]) == 2
     assert "unknown generation shape: A" in capsys.readouterr().err
+
+
+def test_packed_bench_steps_hold_the_same_budget_and_real_text(monkeypatch):
+    from te_llama.bench import packed_sft
+
+    monkeypatch.setattr(packed_sft, "corpus_tokens", lambda: torch.arange(5000, dtype=torch.int32) % 4000)
+    shape = packed_sft.SHAPES["tiny"]
+    padded, flat = (packed_sft.steps_of_documents(shape, 4, padded) for padded in (True, False))
+    assert all(len(docs) * max(map(len, docs)) <= shape.budget for docs in padded)
+    assert all(sum(map(len, docs)) == shape.budget for docs in flat)
+    assert torch.equal(torch.cat(padded[0]), torch.cat(flat[0])[: sum(map(len, padded[0]))])  # one stream
+    lengths = [len(doc) for docs in flat for doc in docs[:-1]]
+    assert min(lengths) >= shape.min_length and max(lengths) <= shape.max_length and len(set(lengths)) > 3
+    batch = packed_sft.flat_batch(flat[0])
+    assert (batch["labels"][batch["position_ids"] == 0] == -100).all()
+
+
+def test_packed_bench_runs_each_row_in_a_process_and_writes_json(tmp_path, capsys, monkeypatch):
+    from te_llama.bench import packed_sft
+
+    out = tmp_path / "packed.json"
+    assert main(["bench", "--packed", "--shapes", "tiny", "--variants", "hf_bf16_padded,te_bf16_padding_free",
+                 "--steps", "2", "--warmup", "1", "--output", str(out)]) == 0
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    te = rows["te_bf16_padding_free"]
+    assert te["real_tokens_per_step"] == packed_sft.SHAPES["tiny"].budget and te["documents_per_step"] > 2
+    assert rows["hf_bf16_padded"]["real_tokens_per_step"] <= te["real_tokens_per_step"]
+    assert "speedup_vs_hf_bf16_padded" in te and "speedup_vs_hf_bf16_padding_free" not in te
+    assert main(["bench", "--packed", "--shapes", "A"]) == 2
+    assert "unknown packed shape: A" in capsys.readouterr().err

@@ -161,6 +161,36 @@ def test_long_documents_are_split_not_truncated(tiny_model):
     assert sum(int(b["attention_mask"].sum()) for b in blocks) == n
 
 
+def test_each_document_attends_only_to_itself_by_default(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lines = english_text().splitlines()[:6]
+    lengths = [len(tokenizer(line, add_special_tokens=False).input_ids) + 1 for line in lines]
+    blocks = tokenize_and_pack([Example(text=line) for line in lines], tokenizer, 4096)
+    (block,) = blocks
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    expected = torch.cat([torch.arange(n) for n in lengths])
+    assert torch.equal(block["position_ids"][: sum(lengths)], expected)
+    assert (block["labels"][starts] == IGNORE).all()  # no document is predicted from the one before it
+    plain = tokenize_and_pack([Example(text=line) for line in lines], tokenizer, 4096, across_documents=True)
+    assert "position_ids" not in plain[0] and (plain[0]["labels"][starts[1:]] != IGNORE).all()
+
+
+def test_finetune_trains_padding_free_and_counts_real_tokens(tiny_model, tmp_path, monkeypatch):
+    from te_llama.model import packed
+
+    short = tmp_path / "short.txt"  # documents of a few words, several to a block
+    short.write_text("\n\n".join(" ".join(line.split()[:8]) for line in english_text().splitlines()[:80]))
+    streams = []
+    original = packed.forward_packed
+    monkeypatch.setattr("te_llama.model.layer.forward_packed",
+                        lambda layer, hidden, sequences, *rest: streams.append(sequences) or original(
+                            layer, hidden, sequences, *rest))
+    assert run(tiny_model, short, tmp_path / "out", "--max-steps", "2") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert streams and any(len(s.cu_seqlens) > 3 for s in streams)  # several documents in a block
+    assert 0 < summary["tokens"] <= 2 * 128
+
+
 def test_jsonl_and_datasets_inputs(tiny_model, tmp_path):
     import datasets
 
@@ -294,8 +324,10 @@ def test_fast_accumulation_without_fp8_is_an_error_before_output_is_touched(tiny
 
 
 def test_cuda_graphs_asked_for_on_cpu_is_an_error_before_output_is_touched(tiny_model, text_file, tmp_path, capsys):
-    assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs") == 2
+    assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs", "--attend-across-documents") == 2
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs") == 2
+    assert "--attend-across-documents" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_out_of_memory_gives_advice(tiny_model, text_file, tmp_path, capsys, monkeypatch):

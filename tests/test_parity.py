@@ -87,16 +87,6 @@ def test_mask_types_chosen_for_te():
     assert not converted.mask.all(dim=-1).any(), "every query row must keep a key to attend to"
 
 
-def test_non_shifted_positions_in_a_batch_are_rejected(hf_checkpoint):
-    from te_llama.model.rope import UnsupportedPositionsError
-
-    _, te = load_pair(hf_checkpoint)
-    ids = torch.randint(0, 128, (2, 8))
-    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7]])
-    with pytest.raises(UnsupportedPositionsError, match="packed"):
-        te(ids, position_ids=packed)
-
-
 def test_packed_documents_in_one_row_match_each_document_alone(hf_checkpoint):
     # position_ids that restart mark packed documents: HF builds a block-causal mask, te-llama keeps it.
     hf, te = load_pair(hf_checkpoint)

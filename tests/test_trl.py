@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer runs te-llama's decoder pass (where FP8 autocast applies), with and without PEFT LoRA.
+"""TRL's SFTTrainer runs te-llama's decoder pass (where FP8 autocast applies), with and without PEFT LoRA; packed
+and padding-free batches run as TE's padding-free stream.
 
 TRL replaces the model's forward with its own LM head and loss, which calls ``model.model`` directly; these tests
 count decoder-layer calls and check that each ran inside ``TELlamaModel``'s decoder pass (on a GPU that pass opens
@@ -82,8 +83,15 @@ def sft_config(tmp_path, **overrides) -> SFTConfig:
                          ids=["default", "packing", "padding_free"])
 def test_sft_trainer_runs_the_layers_inside_te_llamas_decoder_pass(options, tokenizer, documents, tmp_path,
                                                                      monkeypatch):
+    from te_llama.model import packed
+
     model = tiny_model(tokenizer)
     calls = LayerCalls(model, monkeypatch)
+    streams = []
+    original = packed.forward_packed
+    monkeypatch.setattr("te_llama.model.layer.forward_packed",
+                        lambda layer, hidden, sequences, *rest: streams.append(sequences) or original(
+                            layer, hidden, sequences, *rest))
     before = model.model.layers[0].self_attention.proj.weight.detach().clone()
     trainer = SFTTrainer(model=model, args=sft_config(tmp_path, **options), train_dataset=documents,
                          processing_class=tokenizer)
@@ -92,6 +100,9 @@ def test_sft_trainer_runs_the_layers_inside_te_llamas_decoder_pass(options, toke
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert calls.calls >= 3 * model.config.num_hidden_layers
     assert calls.in_pass == calls.calls
+    if options:  # packed documents: every layer call ran padding-free, each document on its own (TRL
+        # checkpoints activations by default, so the backward runs the layers again)
+        assert len(streams) >= calls.calls and all(len(s.cu_seqlens) > 2 for s in streams)
     assert not torch.equal(model.model.layers[0].self_attention.proj.weight, before)  # it trained
 
 

@@ -72,6 +72,12 @@ def _convert(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.packed:
+        from te_llama.bench.packed_sft import VARIANTS, bench_packed
+
+        rows = bench_packed(args.shapes or "8B", args.variants or ",".join(VARIANTS), args.output, args.steps,
+                            args.warmup, args.timeout)
+        return 0 if all(row["status"] == "ok" for row in rows) else 1
     if args.generation:
         from te_llama.bench.generation import VARIANTS, bench_generation
 
@@ -123,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--gradient-checkpointing", action="store_true")
     tune.add_argument("--cuda-graphs", action="store_true", help="replay the decoder layers as CUDA graphs (GPU, "
                       "Transformer Engine): faster steps for small models; not with --gradient-checkpointing")
+    tune.add_argument("--attend-across-documents", dest="across_documents", action="store_true",
+                      help="plain blocks whose tokens attend across document boundaries (needed by --cuda-graphs); "
+                           "default: each document attends only to itself, trained padding-free")
     tune.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines (reported)")
     tune.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -162,14 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     from te_llama.bench.suite import SHAPES, VARIANTS
 
     bench = commands.add_parser("bench", help="te-llama vs HF, torch.compile, Liger, torchao: one table + JSON")
-    from te_llama.bench import generation
+    from te_llama.bench import generation, packed_sft
 
     bench.add_argument("--generation", action="store_true",
                        help="benchmark greedy generation instead of training (its own shapes and variants)")
+    bench.add_argument("--packed", action="store_true",
+                       help="benchmark fine-tuning on documents of mixed lengths: HF padded and padding-free against "
+                            "te-llama padding-free (its own shapes and variants)")
     bench.add_argument("--shapes", default=None, help=f"comma-separated, of: {', '.join(SHAPES)} (default A,B,C); "
-                       f"with --generation: {', '.join(generation.SHAPES)} (default 1B-b1,1B-b16,1B-b64,8B-b1)")
+                       f"with --generation: {', '.join(generation.SHAPES)} (default 1B-b1,1B-b16,1B-b64,8B-b1); "
+                       f"with --packed: {', '.join(packed_sft.SHAPES)} (default 8B)")
     bench.add_argument("--variants", default=None, help="comma-separated variants (default: the suite); with "
-                       f"--generation: {', '.join(generation.VARIANTS)}")
+                       f"--generation: {', '.join(generation.VARIANTS)}; with --packed: "
+                       f"{', '.join(packed_sft.VARIANTS)}")
     bench.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--output", default="bench.json")

@@ -2,9 +2,14 @@
 
 Accepted inputs: a plain-text file (documents separated by blank lines), a JSONL file with a ``text`` field or
 ``prompt``/``completion`` pairs (only the completion is trained on), or a local HF ``datasets`` directory
-(``save_to_disk``) with the same fields. Documents are tokenized with the model's tokenizer, joined with EOS and
+(``save_to_disk``) with the same fields. Documents are tokenized with the model's tokenizer, each ended with EOS, and
 packed into blocks of ``seq_len`` tokens; a long document continues into the next block, nothing is truncated.
 The last, partial block is padded (padding is masked out of attention and loss).
+
+By default every document attends only to itself: a block's ``position_ids`` restart at 0 where a document (or
+its continuation) starts, and the first token of each is not a label, as HF's ``DataCollatorWithFlattening``
+does. te-llama runs such blocks padding-free on TE's fused attention (:mod:`te_llama.model.packed`).
+``across_documents=True`` gives plain blocks instead, whose tokens attend to everything before them in the block.
 """
 
 from __future__ import annotations
@@ -93,26 +98,37 @@ def read_examples(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[
     return examples, skipped
 
 
-def tokenize_and_pack(examples: list[Example], tokenizer, seq_len: int) -> list[dict[str, torch.Tensor]]:
-    """Blocks of ``seq_len`` tokens with labels; prompt tokens and padding get label -100."""
+def tokenize_and_pack(examples: list[Example], tokenizer, seq_len: int,
+                      across_documents: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Blocks of ``seq_len`` tokens with labels and, unless ``across_documents``, position ids restarting at each
+    document; prompt tokens and padding get label -100 (see the module docstring)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     labels: list[int] = []
+    starts: list[bool] = []
     for example in examples:
         prompt = tokenizer(example.prompt, add_special_tokens=False).input_ids if example.prompt else []
         body = tokenizer(example.text, add_special_tokens=False).input_ids + [eos]
         ids += prompt + body
         labels += [IGNORE] * len(prompt) + body
+        starts += [True] + [False] * (len(prompt) + len(body) - 1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     blocks = []
     for start in range(0, len(ids), seq_len):
         chunk, chunk_labels = ids[start:start + seq_len], labels[start:start + seq_len]
         missing = seq_len - len(chunk)
-        blocks.append({
-            "input_ids": torch.tensor(chunk + [pad] * missing),
-            "labels": torch.tensor(chunk_labels + [IGNORE] * missing),
-            "attention_mask": torch.tensor([1] * len(chunk) + [0] * missing),
-        })
+        block = {"input_ids": torch.tensor(chunk + [pad] * missing),
+                 "labels": torch.tensor(chunk_labels + [IGNORE] * missing),
+                 "attention_mask": torch.tensor([1] * len(chunk) + [0] * missing)}
+        if not across_documents:
+            positions, position = [], 0
+            for index, first in enumerate(starts[start:start + seq_len]):
+                position = 0 if first or index == 0 else position + 1
+                positions.append(position)
+                if first:  # nothing before it in its document to predict it from
+                    block["labels"][index] = IGNORE
+            block["position_ids"] = torch.tensor(positions + list(range(position + 1, position + 1 + missing)))
+        blocks.append(block)
     return [b for b in blocks if (b["labels"] != IGNORE).any()]
 
 

@@ -19,8 +19,9 @@ def perplexity(model, blocks: list[dict[str, torch.Tensor]], batch_size: int = 4
     batches = range(0, len(blocks), batch_size)
     for start in tqdm(batches, desc="perplexity", leave=False, disable=not progress):
         batch = {k: torch.stack([b[k] for b in blocks[start:start + batch_size]]).to(model.device)
-                 for k in ("input_ids", "labels", "attention_mask")}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                 for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in blocks[0]}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch.get("position_ids")).logits.float()
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  ignore_index=IGNORE, reduction="sum")

@@ -77,7 +77,9 @@ class FinetuneConfig:
     eval_every: int | None = None
     save_every: int | None = None
     gradient_checkpointing: bool = False
-    cuda_graphs: bool = False  # replay the decoder layers as CUDA graphs (GPU; fixed-length blocks make it pay)
+    cuda_graphs: bool = False  # replay the decoder layers as CUDA graphs (GPU; needs across_documents)
+    across_documents: bool = False  # plain blocks whose tokens attend across document boundaries (as CUDA graphs
+    # need); by default each document attends only to itself, trained padding-free
     skip_bad_lines: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -100,6 +102,10 @@ def _defaults(config: FinetuneConfig, on_gpu: bool, processes: int = 1) -> Finet
         raise FinetuneError("--merge-lora merges LoRA adapters; pass --lora RANK too")
     if config.lora and config.cuda_graphs:
         raise FinetuneError("--cuda-graphs cannot record LoRA adapters yet; drop one of --lora and --cuda-graphs")
+    if config.cuda_graphs and not config.across_documents:
+        raise FinetuneError("--cuda-graphs records fixed-length blocks, but by default each document attends only to "
+                            "itself, a layout that changes every step (run padding-free, without graphs); add "
+                            "--attend-across-documents for plain blocks, or drop --cuda-graphs")
     if config.lora:
         lora_settings(config)  # checks --lora-targets before anything is written
     if config.batch_tokens < config.seq_len:
@@ -169,7 +175,8 @@ def _training_arguments(config: FinetuneConfig, out: Path, on_gpu: bool, batch_s
         logging_steps=max(1, min(10, config.max_steps // 10)), eval_strategy="steps", eval_steps=config.eval_every,
         save_strategy="steps", save_steps=config.save_every, save_total_limit=2, seed=config.seed,
         data_seed=config.seed, bf16=on_gpu, use_cpu=not on_gpu, report_to=report_to,
-        include_num_input_tokens_seen=True, remove_unused_columns=False, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
+        remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every parameter has a gradient: no search of the graph each step
         optim="adamw_torch",  # on a GPU the Trainer gets te-llama's AdamW instead (_optimizer)
     )
@@ -227,7 +234,7 @@ def finetune(config: FinetuneConfig) -> dict:
         base.enable_cuda_graphs()
     model = add_lora(base, lora_settings(config), config.gradient_checkpointing) if config.lora else base
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    blocks = tokenize_and_pack(examples, tokenizer, config.seq_len)
+    blocks = tokenize_and_pack(examples, tokenizer, config.seq_len, config.across_documents)
     train_blocks, eval_blocks = split_blocks(blocks, config.eval_fraction, config.seed)
     eval_blocks = eval_blocks[: config.max_eval_blocks]
     blocks_per_step = config.batch_tokens // config.seq_len

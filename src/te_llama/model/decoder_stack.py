@@ -5,8 +5,10 @@ head's, so it holds whoever calls the stack: ``model(...)``, ``generate()``, or 
 TRL's fused LM head and Liger-style patches do. One pass (:meth:`TELlamaModel.forward`):
 
 1. refuse ``torch.nn.DataParallel`` replicas (:func:`te_llama.training.distributed.refuse_data_parallel`);
-2. mark fixed-length batches as plain causal, skipping HF's mask creation (:mod:`te_llama.model.masks`);
-3. check FP8's token-count alignment (:func:`te_llama.training.fp8.check_token_alignment`);
+2. mark fixed-length batches as plain causal, skipping HF's mask creation (:mod:`te_llama.model.masks`), and turn
+   padded or packed batches into TE's padding-free ``thd`` stream (:mod:`te_llama.model.packed`), which also pads
+   the token count FP8 needs;
+3. check FP8's token-count alignment where no stream does (:func:`te_llama.training.fp8.check_token_alignment`);
 4. record or arm the CUDA graphs (:mod:`te_llama.training.cuda_graphs`);
 5. choose TE's ``is_first_microbatch`` for the FP8 weight cache (:mod:`te_llama.training.weight_cache`);
 6. run HF's forward under ``te.autocast`` with the model's recipe (:func:`te_llama.training.fp8.autocast`).
@@ -25,9 +27,11 @@ from transformers import LlamaModel
 from te_llama import te_patches
 from te_llama.model.adapters import has_adapters
 from te_llama.model.masks import causal_marker
+from te_llama.model.packed import packed_sequences
 from te_llama.training import cuda_graphs as graphs
 from te_llama.training.distributed import refuse_data_parallel
-from te_llama.training.fp8 import FP8Config, FP8ConfigError, autocast, check_token_alignment, resolve_recipe_name
+from te_llama.training.fp8 import (FP8Config, FP8ConfigError, autocast, check_token_alignment, resolve_recipe_name,
+                                   token_alignment)
 from te_llama.training.weight_cache import FP8WeightCache
 
 
@@ -64,11 +68,23 @@ class TELlamaModel(LlamaModel):
         refuse_data_parallel(self)
         embeds = kwargs.get("inputs_embeds")
         tokens = input_ids if input_ids is not None else embeds[..., 0] if embeds is not None else None
-        if tokens is not None and attention_mask is None and position_ids is None and not args and not any(
-                kwargs.get(key) is not None for key in ("cache", "past_key_values")):
-            attention_mask = causal_marker(*tokens.shape)  # no host sync in HF's mask creation
+        cached = kwargs.get("use_cache") or any(kwargs.get(key) is not None for key in ("cache", "past_key_values"))
+        if tokens is not None and not args and not cached and (attention_mask is None or attention_mask.dim() == 2):
+            packed = self._packed(tokens, attention_mask, position_ids, kwargs)
+            if packed is not None:
+                kwargs["packed_sequences"] = packed
+            attention_mask = causal_marker(*tokens.shape)  # the layers need no HF mask (and HF no host sync)
         with self._decoder_pass(tokens, attention_mask, kwargs):
             return super().forward(input_ids, attention_mask, position_ids, *args, **kwargs)
+
+    def _packed(self, tokens: torch.Tensor, attention_mask, position_ids, kwargs: dict):
+        """The batch as TE's padding-free stream, or ``None`` where it is whole rows (:mod:`te_llama.model.packed`)."""
+        settings = self.te_settings
+        alignment = token_alignment(settings.fp8_recipe_name) if settings.fp8_active(self.training) else 1
+        if attention_mask is None and position_ids is None and kwargs.get("cu_seq_lens_q") is None:
+            if tokens.numel() % alignment == 0:
+                return None  # the common training step, decided without reading the data
+        return packed_sequences(tokens, attention_mask, position_ids, kwargs.get("cu_seq_lens_q"), alignment)
 
     @contextmanager
     def _decoder_pass(self, tokens: torch.Tensor | None, attention_mask, kwargs: dict):
@@ -77,7 +93,7 @@ class TELlamaModel(LlamaModel):
         settings = self.te_settings
         training = self.training and torch.is_grad_enabled()
         fp8 = settings.fp8_active(self.training)
-        if fp8:
+        if fp8 and kwargs.get("packed_sequences") is None:
             try:
                 check_token_alignment(settings.fp8_recipe_name, tokens)
             except FP8ConfigError as error:
@@ -89,7 +105,8 @@ class TELlamaModel(LlamaModel):
         caches = fp8 and training and settings.cache_fp8_weights
         with ExitStack() as stack:
             stack.enter_context(te_patches.rowwise_weight_cache_scope(caches))  # also while graphs are recorded
-            graph = self._graph_for(tokens, attention_mask, fp8, caches) if settings.cuda_graphs and training else None
+            graph = (self._graph_for(tokens, attention_mask, fp8, caches)
+                     if settings.cuda_graphs and training and kwargs.get("packed_sequences") is None else None)
             if caches:
                 kwargs.setdefault("is_first_microbatch", self.weight_cache().is_first_microbatch(
                     settings.fp8_recipe, always_cache=graph is not None and graph.caches_weights))

@@ -18,6 +18,7 @@ from te_llama import te_patches
 from te_llama.backend import Backend, resolve_backend, transformer_layer_base
 from te_llama.model.adapters import active_adapters, add_projection_sites, forward_with_adapters
 from te_llama.model.kv_cache import forward_with_cache
+from te_llama.model.packed import forward_packed
 from te_llama.model.rope import RotaryAngles, softmax_scale
 
 
@@ -139,6 +140,10 @@ class _LlamaLayerAdapter:
         adapters = active_adapters(self)
         if cache is not None:  # generate(), or any forward with use_cache=True (kv_cache.py)
             return forward_with_cache(self, hidden_states, attention_mask, position_embeddings, cache, adapters)
+        packed = kwargs.get("packed_sequences")
+        if packed is not None:  # padded or packed rows, as TE's thd stream (packed.py)
+            return forward_packed(self, hidden_states, packed, position_embeddings, adapters,
+                                  kwargs.get("is_first_microbatch"))
         mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
         if adapters:
             return forward_with_adapters(self, adapters, hidden_states, angles, mask.mask, mask.mask_type,

@@ -33,6 +33,22 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return rotate(x, angles[: x.shape[1]].transpose(0, 1))  # [1, s, 1, d]
 
 
+def positions_in_sequences(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each packed token's position inside its own sequence (``0, 1, ...`` from every ``cu_seqlens`` start)."""
+    starts = cu_seqlens[:-1].long().repeat_interleave(cu_seqlens.diff().long(), output_size=tokens)
+    return torch.arange(tokens, device=cu_seqlens.device) - starts
+
+
+def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, tensor_format: str = "sbhd", interleaved: bool = False,
+                         fused: bool = False, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """TE's ``apply_rotary_pos_emb`` for the packed ``"thd"`` format: ``t`` is ``[tokens, heads, dim]``, ``freqs``
+    the ``[max_seqlen, 1, 1, dim]`` angle table, and positions restart at 0 at each ``cu_seqlens`` boundary."""
+    if tensor_format != "thd" or interleaved or cu_seqlens is None:
+        raise NotImplementedError("the reference apply_rotary_pos_emb implements tensor_format='thd' with "
+                                  "cu_seqlens, non-interleaved")
+    return rotate(t, freqs[positions_in_sequences(cu_seqlens, t.shape[0]), 0])
+
+
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """RoPE on ``x`` ``[b, s, h, d]`` with float32 angles broadcastable to ``[b, s, 1, d]``, computed in float32."""
     rot = angles.shape[-1]
@@ -67,7 +83,7 @@ class LayerNormLinear(_Parameters):
             for name, size in splits:
                 self._add(f"{name}_bias", (size,), nn.init.zeros_, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor:
         """The blocks' outputs side by side in the last dimension, as TE's (one GEMM there, one per block here)."""
         normed = _rms_norm(x, self.layer_norm_weight, self.eps)
         outputs = []
@@ -86,7 +102,7 @@ class Linear(_Parameters):
         else:
             self.bias = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -100,12 +116,25 @@ class DotProductAttention(nn.Module):
         self.softmax_scale = 1.0 / math.sqrt(kv_channels)
         self.attention_dropout = attention_dropout
 
-    def forward(self, q, k, v, attn_mask_type: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        # q: [b, s, h, d]; k, v: [b, s, g, d]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        repeats = self.num_heads // self.num_gqa_groups
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        seq = q.shape[2]
+    def forward(self, query_layer, key_layer, value_layer, attention_mask=None, qkv_format: str = "bshd",
+                cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None,
+                attn_mask_type: str = "causal") -> torch.Tensor:
+        """TE's call: ``bshd`` tensors ``[b, s, heads, d]`` with a mask type, or packed ``thd`` tensors
+        ``[tokens, heads, d]`` whose sequences ``cu_seqlens_q`` delimits (``padding_causal``: causal within each
+        sequence, nothing across). Returns ``[b, s, heads * d]`` or ``[tokens, heads * d]``."""
+        if qkv_format == "thd":
+            if attn_mask_type != "padding_causal" or cu_seqlens_kv is not None and not torch.equal(cu_seqlens_q,
+                                                                                                  cu_seqlens_kv):
+                raise ValueError("reference attention implements thd self-attention with 'padding_causal' only")
+            tokens = query_layer.shape[0]
+            sequence = torch.arange(len(cu_seqlens_q) - 1, device=query_layer.device).repeat_interleave(
+                cu_seqlens_q.diff().long(), output_size=tokens)
+            same = sequence[:, None] == sequence[None, :]
+            allowed = same & torch.ones(tokens, tokens, dtype=torch.bool, device=same.device).tril()
+            q, k, v = (t.unsqueeze(0) for t in (query_layer, key_layer, value_layer))
+            return self._attend(q, k, v, allowed)[0]
+        q, k, v = query_layer, key_layer, value_layer
+        seq = q.shape[1]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
         if attn_mask_type == "causal":
             allowed = causal
@@ -116,6 +145,13 @@ class DotProductAttention(nn.Module):
             allowed = ~attention_mask
         else:
             raise ValueError(f"reference attention does not implement mask type {attn_mask_type!r}")
+        return self._attend(q, k, v, allowed)
+
+    def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+        # q: [b, s, h, d]; k, v: [b, s, g, d]; allowed broadcasts to [b, h, s, s]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        repeats = self.num_heads // self.num_gqa_groups
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         dropout = self.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=self.softmax_scale)
         return out.transpose(1, 2).flatten(2)
@@ -144,7 +180,8 @@ class MultiheadAttention(nn.Module):
         v = v.view(b, s, self.num_gqa_groups, self.kv_channels)
         if rotary_pos_emb is not None:
             q, k = apply_rotary(q, rotary_pos_emb), apply_rotary(k, rotary_pos_emb)
-        return self.proj(self.core_attention(q, k, v, attn_mask_type, attention_mask)), None
+        context = self.core_attention(q, k, v, attention_mask=attention_mask, attn_mask_type=attn_mask_type)
+        return self.proj(context), None
 
 
 class LayerNormMLP(_Parameters):
@@ -161,7 +198,7 @@ class LayerNormMLP(_Parameters):
             self._add("fc1_bias", (2 * ffn_hidden_size,), nn.init.zeros_, device, dtype)
             self._add("fc2_bias", (hidden_size,), nn.init.zeros_, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_first_microbatch: bool | None = None) -> torch.Tensor:
         normed = _rms_norm(x, self.layer_norm_weight, self.eps)
         fc1 = F.linear(normed, self.fc1_weight, self.fc1_bias if self.use_bias else None)
         gate, up = fc1.chunk(2, dim=-1)

@@ -90,6 +90,7 @@ class RotaryAngles:
         self.inv_freq = inv_freq
         self.position_ids = position_ids
         self._memo: tuple[object, TEMask, torch.Tensor] | None = None
+        self._from_zero: torch.Tensor | None = None
 
     def te_inputs(self, attention_mask: torch.Tensor | None, batch: int) -> tuple[TEMask, torch.Tensor]:
         """(TE mask, angle table ``[seq, 1, 1, head_dim]`` float32) for this forward's HF attention mask."""
@@ -100,6 +101,14 @@ class RotaryAngles:
         angles = angle_table(shared_positions(self.position_ids, mask.valid_tokens), self.inv_freq)
         self._memo = (attention_mask, mask, angles)
         return mask, angles
+
+
+    def angle_table_from_zero(self, length: int) -> torch.Tensor:
+        """The angle table of positions ``0 .. length - 1`` (packed sequences restart there), computed once per
+        forward."""
+        if self._from_zero is None or self._from_zero.shape[0] < length:
+            self._from_zero = angle_table(torch.arange(length, device=self.inv_freq.device), self.inv_freq)
+        return self._from_zero[:length]
 
 
 class TERotaryEmbedding(LlamaRotaryEmbedding):

@@ -170,9 +170,15 @@ def describe(config: FP8Config) -> str:
     return f"{name} ({kind}, {fmt}{fast})"
 
 
+def token_alignment(recipe_name: str) -> int:
+    """What FP8 GEMMs need the token count of a batch to be divisible by."""
+    return 32 if recipe_name == "mxfp8" else 8
+
+
 def check_token_alignment(recipe_name: str, tokens: torch.Tensor) -> None:
-    """FP8 GEMMs need the batch's token count divisible by 8 (32 for MXFP8); a clear error instead of TE's assert."""
-    alignment = 32 if recipe_name == "mxfp8" else 8
+    """FP8 GEMMs need the batch's token count divisible by 8 (32 for MXFP8); a clear error instead of TE's assert.
+    Training and scoring forwards pad inside (:mod:`te_llama.model.packed`); this guards the KV-cache path."""
+    alignment = token_alignment(recipe_name)
     if tokens is not None and tokens.numel() % alignment:
         raise FP8ConfigError(
             f"FP8 needs the number of tokens in a batch to be divisible by {alignment}; got "

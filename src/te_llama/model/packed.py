@@ -1,0 +1,137 @@
+"""Padded and packed batches on TE's fused attention, padding-free: the real tokens as TE's ``thd`` layout.
+
+A batch whose rows are one sequence each, with no padding, runs TE's fused layer on ``[b, s, hidden]`` with a
+plain causal mask (the fastest path). Every other batch layout is turned into one stream of real tokens,
+``[tokens, hidden]``, with ``cu_seqlens`` marking where each sequence starts (:class:`PackedSequences`):
+
+- right or left padding: padding tokens are dropped, each row's real tokens are one sequence;
+- rows of packed documents: a document starts where ``position_ids`` do not count up by one (HF's
+  ``DataCollatorWithFlattening``, TRL's ``padding_free=True``), or where ``cu_seq_lens_q`` says (the collator's
+  ``return_flash_attn_kwargs=True``);
+- under FP8, a batch whose token count TE's FP8 GEMMs cannot take is padded inside: a sequence of zeros is
+  appended to the stream and dropped again.
+
+Each sequence attends only to itself (TE's ``padding_causal`` mask on ``thd``) and its RoPE positions restart at
+0: attention scores depend only on the distance between tokens, so any positions that count up by one within a
+sequence give HF's result. The layer runs TE's modules one by one on the stream (``layernorm_qkv`` -> RoPE ->
+``DotProductAttention(qkv_format="thd")`` -> ``proj`` -> ``layernorm_mlp``) and writes the outputs back into the
+batch; padding positions keep their input. PEFT adapters apply as in the fused layer.
+
+Finding the sequences reads ``position_ids`` and the mask on the host once per forward (HF's own mask creation
+does the same); the layers of that forward share the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from te_llama.model.adapters import MLP_SITES, attention_adapters, plus_bias, unfused_mlp
+from te_llama.model.rope import RotaryAngles
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Where a batch's real tokens are and which sequence each belongs to."""
+
+    batch_shape: tuple[int, int]
+    """``(b, s)`` of the batch the stream comes from."""
+    token_index: torch.Tensor | None
+    """Positions of the real tokens in the flattened batch, in order; ``None`` when every token is real."""
+    cu_seqlens: torch.Tensor
+    """int32 ``[sequences + 1]``: where each sequence starts in the stream, then the stream's length (alignment
+    padding included, as a last sequence)."""
+    max_seqlen: int
+    real_tokens: int
+    """Tokens taken from the batch; the stream may be longer by the alignment padding."""
+
+    @property
+    def stream_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    def pack(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[b, s, hidden]`` -> ``[stream_tokens, hidden]``."""
+        flat = hidden_states.flatten(0, 1)
+        stream = flat if self.token_index is None else flat.index_select(0, self.token_index)
+        padding = self.stream_tokens - self.real_tokens
+        return torch.cat((stream, stream.new_zeros(padding, stream.shape[1]))) if padding else stream
+
+    def unpack(self, stream: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The stream's outputs in the batch's places; positions without a real token keep ``hidden_states``."""
+        stream = stream[: self.real_tokens]
+        if self.token_index is None:
+            return stream.view_as(hidden_states)
+        return hidden_states.flatten(0, 1).index_copy(0, self.token_index, stream).view_as(hidden_states)
+
+
+def _aligned(lengths: list[int], total: int, alignment: int) -> list[int]:
+    padding = -total % alignment
+    return lengths + [padding] if padding else lengths
+
+
+def packed_sequences(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                     alignment: int = 1) -> PackedSequences | None:
+    """The sequences of a batch of ``tokens`` ``[b, s]``, or ``None`` when it is ``b`` whole sequences of ``s``
+    tokens, ``b * s`` divisible by ``alignment`` (TE's fused layer on ``[b, s]`` then). ``attention_mask``: HF's 2-D
+    padding mask; ``cu_seq_lens``: sequence starts in the flattened batch, as ``DataCollatorWithFlattening`` gives
+    them."""
+    (b, s), device = tokens.shape, tokens.device
+    if cu_seq_lens is not None:
+        bounds = cu_seq_lens.tolist()
+        if bounds[0] != 0 or bounds[-1] != b * s or any(x >= y for x, y in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seq_lens_q {bounds} does not split the batch's {b * s} tokens into sequences")
+        lengths, index = [y - x for x, y in zip(bounds, bounds[1:])], None
+    else:
+        valid = (attention_mask.bool() if attention_mask is not None
+                 else torch.ones(b, s, dtype=torch.bool, device=device))
+        positions = (position_ids.expand(b, s) if position_ids is not None
+                     else torch.arange(s, device=device).expand(b, s))
+        starts = valid.clone()
+        starts[:, 1:] &= (positions[:, 1:] != positions[:, :-1] + 1) | ~valid[:, :-1]
+        whole_rows = bool(valid.all()) and bool((starts[:, 1:] == 0).all())
+        if whole_rows and (b * s) % alignment == 0:
+            return None
+        flat_valid = valid.flatten()
+        index = None if bool(flat_valid.all()) else flat_valid.nonzero().squeeze(1)
+        first = starts.flatten() if index is None else starts.flatten().index_select(0, index)
+        bounds = first.nonzero().squeeze(1).tolist() + [int(flat_valid.sum())]
+        lengths = [y - x for x, y in zip(bounds, bounds[1:])]
+    real = sum(lengths)
+    lengths = _aligned(lengths, real, alignment)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return PackedSequences((b, s), index, cu, max(lengths), real)
+
+
+def _rotary(layer: nn.Module, x: torch.Tensor, table: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
+    if layer.backend == "te":
+        from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+    else:
+        from te_llama.model.reference_layer import apply_rotary_pos_emb
+    return apply_rotary_pos_emb(x, table, tensor_format="thd", fused=True, cu_seqlens=packed.cu_seqlens)
+
+
+def forward_packed(layer: nn.Module, hidden_states: torch.Tensor, packed: PackedSequences, rotary: RotaryAngles,
+                   adapters: dict[str, nn.Module], is_first_microbatch: bool | None) -> torch.Tensor:
+    """One decoder layer on the real tokens of ``hidden_states`` ``[b, s, hidden]`` (see the module docstring)."""
+    attention = layer.self_attention
+    qkv_module = attention.layernorm_qkv
+    x = packed.pack(hidden_states)
+    tokens, head = x.shape[0], layer.head_dim
+    sizes = (qkv_module.query_weight.shape[0], qkv_module.key_weight.shape[0], qkv_module.value_weight.shape[0])
+    table = rotary.angle_table_from_zero(packed.max_seqlen)
+    with attention_adapters(attention, adapters):
+        q, k, v = qkv_module(x, is_first_microbatch=is_first_microbatch).split(sizes, dim=-1)
+        q, k, v = q.reshape(tokens, -1, head), k.reshape(tokens, -1, head), v.reshape(tokens, -1, head)
+        q, k = _rotary(layer, q, table, packed), _rotary(layer, k, table, packed)
+        context = attention.core_attention(
+            q, k, v, qkv_format="thd", attn_mask_type="padding_causal", cu_seqlens_q=packed.cu_seqlens,
+            cu_seqlens_kv=packed.cu_seqlens, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+        x = x + plus_bias(attention.proj(context.reshape(tokens, -1), is_first_microbatch=is_first_microbatch))
+    if any(name in adapters for name in MLP_SITES):
+        x = x + unfused_mlp(layer, x, adapters, is_first_microbatch)
+    else:
+        x = x + plus_bias(layer.layernorm_mlp(x, is_first_microbatch=is_first_microbatch))
+    return packed.unpack(x, hidden_states)
