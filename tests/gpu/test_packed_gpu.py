@@ -1,5 +1,5 @@
-"""Padded and packed batches on TE's fused attention (thd): against the reference layer and HF per document, in
-BF16; and FP8 training on packed rows whose token count FP8 cannot take as it is."""
+"""Padded and packed batches on TE's fused attention (thd): against the reference layer in FP32 and HF on each
+document alone, in BF16; and FP8 training on packed rows whose token count FP8 cannot take as it is."""
 
 from __future__ import annotations
 
@@ -36,42 +36,52 @@ def packed_rows(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """HF BF16, te-llama on TE in BF16, and the reference layer in BF16 and in FP32 (the oracle), same weights."""
     directory = tmp_path_factory.mktemp("packed") / "hf"
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**small_llama.CONFIG)).to(torch.bfloat16).cuda()
     hf.save_pretrained(directory)
-    load = dict(dtype=torch.bfloat16, device="cuda")
-    return (hf, TELlamaForCausalLM.from_pretrained(directory, backend="te", **load),
-            TELlamaForCausalLM.from_pretrained(directory, backend="reference", **load))
+    load = dict(device="cuda")
+    return {"hf": hf,
+            "te": TELlamaForCausalLM.from_pretrained(directory, backend="te", dtype=torch.bfloat16, **load),
+            "reference": TELlamaForCausalLM.from_pretrained(directory, backend="reference", dtype=torch.bfloat16,
+                                                            **load),
+            "fp32": TELlamaForCausalLM.from_pretrained(directory, backend="reference", dtype=torch.float32, **load)}
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def test_packed_rows_match_the_reference_and_hf_per_document(models, record):
-    hf, te, reference = models
+def test_packed_rows_match_the_fp32_oracle_and_hf_per_document(models, record):
     docs, batch = packed_rows()
-    with torch.no_grad():
-        real = batch["attention_mask"].bool()
-        forward = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
-        on_te = te(**forward).logits[real]
-        backend = te_attention_backend()
-        on_reference = reference(**forward).logits[real]
-        alone = torch.cat([hf(input_ids=doc[None].cuda()).logits[0] for row in docs for doc in row])
-    grads = {}
-    for name, model in (("te", te), ("reference", reference)):
+    real = batch["attention_mask"].bool()
+    forward = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    logits, grads = {}, {}
+    for name in ("te", "reference", "fp32"):
+        model = models[name]
+        with torch.no_grad():
+            logits[name] = model.eval()(**forward).logits[real].float()
+            if name == "te":
+                backend = te_attention_backend()
         model.train()
         model(**batch).loss.backward()
         grads[name] = {key: p.grad.float().clone() for key, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         model.eval()
-    worst = max(rel(grads["te"][key], grads["reference"][key]) for key in grads["te"])
-    row = dict(test="packed_bf16", te_vs_reference=rel(on_te, on_reference), te_vs_hf_alone=rel(on_te, alone),
-               worst_grad_vs_reference=worst, attention_backend=backend)
+    with torch.no_grad():
+        alone = torch.cat([models["hf"](input_ids=doc[None].cuda()).logits[0] for row in docs for doc in row])
+    # TE's gradient error (against fp32) within 3x of what plain BF16 arithmetic (the reference layer) makes.
+    errors = {key: (rel(grads["te"][key], g), rel(grads["reference"][key], g)) for key, g in grads["fp32"].items()}
+    ratio = {key: te / max(plain, 1e-3) for key, (te, plain) in errors.items()}
+    worst = max(ratio, key=ratio.get)
+    row = dict(test="packed_bf16", te_vs_fp32=rel(logits["te"], logits["fp32"]),
+               reference_bf16_vs_fp32=rel(logits["reference"], logits["fp32"]), te_vs_hf_alone=rel(logits["te"], alone),
+               worst_grad=worst, worst_grad_te_error=errors[worst][0], worst_grad_bf16_error=errors[worst][1],
+               attention_backend=backend)
     record(**row)
     assert backend is not None and backend.split()[0] in ("FusedAttention", "FlashAttention"), backend
-    assert row["te_vs_reference"] < 2e-2 and row["te_vs_hf_alone"] < 2e-2 and worst < 5e-2
+    assert row["te_vs_fp32"] < 2e-2 and row["te_vs_hf_alone"] < 2e-2 and ratio[worst] < 3.0
 
 
 def test_fp8_training_on_unaligned_packed_rows(record):

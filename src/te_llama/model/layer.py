@@ -165,12 +165,19 @@ class _LlamaLayerAdapter:
         whether ``is_first_microbatch`` is given; a CUDA graph recorded with weight caching passes ``True``."""
         if weights_cached is None:
             weights_cached = is_first_microbatch is not None
+        hidden_states = self.drop_cached_transposes(hidden_states, weights_cached)
+        return super().forward(hidden_states, attention_mask=mask, self_attn_mask_type=mask_type,
+                               rotary_pos_emb=rotary_pos_emb, is_first_microbatch=is_first_microbatch)
+
+
+    def drop_cached_transposes(self, hidden_states: torch.Tensor, weights_cached: bool) -> torch.Tensor:
+        """``hidden_states``, marked so that this layer's backward drops the transposes of cached FP8 weights it made
+        (:mod:`te_llama.training.weight_cache_rowwise`), where that applies."""
         if weights_cached and self.backend == "te" and te_patches.installed("rowwise_weight_cache"):
             from te_llama.training.weight_cache_rowwise import drop_transposes_after_backward
 
-            hidden_states = drop_transposes_after_backward(self, hidden_states)
-        return super().forward(hidden_states, attention_mask=mask, self_attn_mask_type=mask_type,
-                               rotary_pos_emb=rotary_pos_emb, is_first_microbatch=is_first_microbatch)
+            return drop_transposes_after_backward(self, hidden_states)
+        return hidden_states
 
 
 @functools.cache

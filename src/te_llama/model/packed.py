@@ -118,7 +118,7 @@ def forward_packed(layer: nn.Module, hidden_states: torch.Tensor, packed: Packed
     """One decoder layer on the real tokens of ``hidden_states`` ``[b, s, hidden]`` (see the module docstring)."""
     attention = layer.self_attention
     qkv_module = attention.layernorm_qkv
-    x = packed.pack(hidden_states)
+    x = packed.pack(layer.drop_cached_transposes(hidden_states, is_first_microbatch is not None))
     tokens, head = x.shape[0], layer.head_dim
     sizes = (qkv_module.query_weight.shape[0], qkv_module.key_weight.shape[0], qkv_module.value_weight.shape[0])
     table = rotary.angle_table_from_zero(packed.max_seqlen)
