@@ -97,7 +97,8 @@ class TELlamaModel(LlamaModel):
             try:
                 check_token_alignment(settings.fp8_recipe_name, tokens)
             except FP8ConfigError as error:
-                if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                if not (kwargs.get("use_cache") or kwargs.get("cache") is not None
+                        or kwargs.get("past_key_values") is not None):
                     raise
                 raise FP8ConfigError(f"{error} generate() with FP8Config(in_eval=True) feeds one token per row at "
                                      "each step: generate in BF16 (in_eval=False, the default) or with a "

@@ -95,6 +95,8 @@ def packed_sequences(tokens: torch.Tensor, attention_mask: torch.Tensor | None =
         if whole_rows and (b * s) % alignment == 0:
             return None
         flat_valid = valid.flatten()
+        if not bool(flat_valid.any()):
+            return None  # nothing but padding: no output is read
         index = None if bool(flat_valid.all()) else flat_valid.nonzero().squeeze(1)
         first = starts.flatten() if index is None else starts.flatten().index_select(0, index)
         bounds = first.nonzero().squeeze(1).tolist() + [int(flat_valid.sum())]
