@@ -45,7 +45,8 @@ def shared_positions(position_ids: torch.Tensor, valid_tokens: torch.Tensor | No
 
     RoPE attention scores depend only on the distance between query and key. Rows whose real tokens are a
     shifted copy of ``0, 1, 2, ...`` (left or right padding, generation with an offset) therefore share one
-    table. Rows with other patterns (several packed documents per row) cannot, unless the batch has one row.
+    table. Rows with other patterns (several packed documents per row) cannot; such batches normally run as a
+    padding-free stream (:mod:`te_llama.model.packed`) and reach this only with a 4-D mask of the user's own.
     """
     if position_ids.shape[0] == 1:
         return position_ids[0]
@@ -61,8 +62,9 @@ def shared_positions(position_ids: torch.Tensor, valid_tokens: torch.Tensor | No
     if not bool(((offsets == row_offset) | ~valid_tokens).all()):
         raise UnsupportedPositionsError(
             "position_ids differ between rows in a way that is not a shift of 0, 1, 2, ... (e.g. several packed "
-            "documents per row). TE's fused RoPE shares one angle table across the batch: pass one row at a time, "
-            "or positions that count up by one within each row."
+            "documents per row) in a forward with a 4-D attention mask of your own, where TE's fused RoPE shares one "
+            "angle table across the batch. Pass the 2-D padding mask (or none) instead: te-llama then runs each "
+            "document on its own, padding-free."
         )
     return steps
 
