@@ -35,7 +35,7 @@ from te_llama.commands.evaluate import perplexity
 from te_llama.training.fp8 import describe, parse_fp8
 from te_llama.commands.generate import generate_text
 from te_llama.commands.lora import add_lora, describe_lora, lora_settings, lora_summary, save_lora
-from te_llama.model.modeling import TELlamaForCausalLM, read_llama_config
+from te_llama.model.modeling import TELlamaForCausalLM, read_config
 from te_llama.training.fp8_state import (
     CheckpointCompleteCallback,
     FP8StateCallback,
@@ -208,7 +208,7 @@ def finetune(config: FinetuneConfig) -> dict:
     model_dir = Path(config.model) if config.model else smollm2_checkpoint()
     if not model_dir.is_dir():
         raise CheckpointError(f"--model {model_dir}: not a directory (a local Hugging Face checkpoint is needed)")
-    read_llama_config(model_dir), weight_files(model_dir)  # fail before touching --output
+    read_config(model_dir), weight_files(model_dir)  # fail before touching --output
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) to tokenize "
                               "the data with")
