@@ -99,7 +99,7 @@ class _LlamaLayerAdapter:
         _absent_biases_as_zeros(self, biases)
         self.layer_idx = layer_idx
         self.attention_window = attention_window(config)
-        """HF's sliding window ``W`` or ``None``; HF's masks are read with it (TE's ``window_size`` is ``(W - 1, 0)``)."""
+        """HF's sliding window ``W`` or ``None``; HF's masks are read with it (TE's ``window_size``: ``(W - 1, 0)``)."""
         self.head_dim = head_dim(config)
         self.attention_dropout = float(config.attention_dropout)
         scale = softmax_scale(config)
