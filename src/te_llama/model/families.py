@@ -129,8 +129,8 @@ def attention_window(config) -> int | None:
                 f"layer_types mixes full and sliding-window attention (use_sliding_window="
                 f"{getattr(config, 'use_sliding_window', None)}, max_window_layers="
                 f"{getattr(config, 'max_window_layers', None)}, {config.num_hidden_layers} layers): te-llama runs "
-                "models whose layers all use the same attention; set max_window_layers to 0 (every layer sliding) "
-                f"or to num_hidden_layers (none), or use_sliding_window=false")
+                "models whose layers all attend alike (use_sliding_window=false, or max_window_layers 0 or >= "
+                "num_hidden_layers); run this one with transformers' own class")
     return int(window)
 
 
