@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     report = {**environment(), "ms_per_step": {}}
-    for label, config in (("A", SHAPES["A"].llama_config()), ("SmolLM2-135M", SMOLLM2_135M)):
+    for label, config in (("A", SHAPES["A"].model_config()), ("SmolLM2-135M", SMOLLM2_135M)):
         params = parameters(config)
         rows = report["ms_per_step"][label] = {"parameters": sum(p.numel() for p in params), "tensors": len(params)}
         for name, make in candidates(params).items():

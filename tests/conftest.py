@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Llama configs and checkpoints written by plain transformers; running a Triton
-kernel under Triton's interpreter."""
+"""Shared fixtures: tiny random configs (Llama and the other families) and checkpoints written by plain transformers;
+running a Triton kernel under Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CONFIG_MAPPING, LlamaConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 BASE = dict(
     vocab_size=128,
@@ -36,10 +37,16 @@ def tiny_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**BASE, **overrides})
 
 
-def random_hf_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
-    """A plain HF Llama with random weights, norms and biases perturbed so that every tensor matters."""
+def family_config(model_type: str, **overrides) -> PretrainedConfig:
+    """A tiny config of ``model_type``'s own config class (``MistralConfig``, ...) with :data:`BASE`'s sizes."""
+    return CONFIG_MAPPING[model_type](**{**BASE, **overrides})
+
+
+def random_hf_model(config: PretrainedConfig, seed: int = 0):
+    """A plain HF causal LM of the config's family (``LlamaForCausalLM``, ...) with random weights, norms and biases
+    perturbed so that every tensor matters."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -51,7 +58,7 @@ def random_hf_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
 def hf_checkpoint(tmp_path):
     """Factory: save a random HF model and return (directory, model)."""
 
-    def make(config: LlamaConfig | None = None, seed: int = 0, name: str = "hf", **save_kwargs):
+    def make(config: PretrainedConfig | None = None, seed: int = 0, name: str = "hf", **save_kwargs):
         model = random_hf_model(config or tiny_config(), seed)
         directory = tmp_path / name
         model.save_pretrained(directory, **save_kwargs)

@@ -57,7 +57,7 @@ def test_import_does_not_load_transformer_engine():
 def test_unsupported_config_fields_are_named():
     from te_llama import UnsupportedConfigError
 
-    for overrides, field in [(dict(hidden_act="gelu"), "hidden_act"), (dict(attention_bias=True), "mlp_bias"),
+    for overrides, field in [(dict(hidden_act="gelu"), "hidden_act"), (dict(sliding_window=16), "sliding_window"),
                              (dict(use_qk_norm=True), "use_qk_norm"), (dict(num_key_value_heads=3), "num_key")]:
         with pytest.raises(UnsupportedConfigError, match=field):
             TELlamaForCausalLM.from_config(tiny_config(**overrides))

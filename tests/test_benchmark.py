@@ -11,13 +11,13 @@ from te_llama.cli import main
 
 
 def test_flops_formula_by_hand():
-    config = SHAPES["A"].llama_config()
+    config = SHAPES["A"].model_config()
     h, i, v, layers, seq, tokens = 4096, 14336, 128256, 8, 4096, 2 * 4096
     per_layer = h * 4096 + 2 * h * 1024 + 4096 * h + 3 * h * i
     expected = 6 * (layers * per_layer + v * h) * tokens + 6 * layers * seq * 4096 * tokens
     assert model_flops_per_step(config, 2, 4096) == expected
     # Llama-3-8B (32 layers): ~7.5B matmul parameters -> 6*N*T dominates
-    full = SHAPES["B"].llama_config()
+    full = SHAPES["B"].model_config()
     assert 7.4e9 < (model_flops_per_step(full, 1, 1) - 6 * 32 * 4096) / 6 < 7.6e9
 
 
@@ -59,6 +59,38 @@ def test_lora_rows_run_peft_on_both_sides_and_compare_with_hf_peft():
     assert all(row["status"] == "ok" for row in rows), rows
     assert by_variant["te_bf16_lora"]["speedup_vs_hf_bf16_lora"] > 0
     assert "speedup_vs_hf_bf16" in by_variant["te_bf16_lora"]  # and against full fine-tuning, as ever
+
+
+def test_family_shapes_build_each_familys_hf_class_and_its_te_llama_class():
+    import transformers
+
+    from te_llama.bench.suite import build_model, skip_reason
+    from te_llama.model.layer import head_dim
+
+    for shape, hf_name in (("tiny_mistral", "MistralForCausalLM"), ("tiny_qwen2", "Qwen2ForCausalLM"),
+                           ("tiny_qwen3", "Qwen3ForCausalLM")):
+        hf = build_model("hf_bf16", SHAPES[shape], torch.device("cpu"))
+        te = build_model("te_bf16", SHAPES[shape], torch.device("cpu"))
+        assert type(hf) is getattr(transformers, hf_name)
+        assert isinstance(te, type(hf)) and type(te).__name__ == "TE" + hf_name
+    sizes = {name: (type(config).__name__, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                    config.num_attention_heads, config.num_key_value_heads, head_dim(config), config.vocab_size)
+             for name in ("mistral", "qwen2", "qwen3") for config in [SHAPES[name].model_config()]}
+    assert sizes == {"mistral": ("MistralConfig", 8, 4096, 14336, 32, 8, 128, 32768),
+                     "qwen2": ("Qwen2Config", 8, 3584, 18944, 28, 4, 128, 152064),
+                     "qwen3": ("Qwen3Config", 8, 4096, 12288, 32, 8, 128, 151936)}
+    assert SHAPES["mistral"].model_config().sliding_window is None  # Mistral-7B-v0.3 attends to all keys
+    assert all((SHAPES[name].batch, SHAPES[name].seq, SHAPES[name].optimizer) == (2, 4096, True)
+               for name in ("mistral", "qwen2", "qwen3"))
+    assert skip_reason("hf_bf16", "qwen3") == "shape qwen3 needs a CUDA GPU (use --shapes tiny on a CPU)"
+
+
+def test_family_rows_run_against_the_same_familys_hf_row():
+    rows = run_suite(["tiny_mistral", "tiny_qwen2", "tiny_qwen3"], ["hf_bf16", "te_bf16"], steps=1, warmup=0)
+    assert [(row["shape"], row["variant"], row["status"]) for row in rows] == [
+        (shape, variant, "ok") for shape in ("tiny_mistral", "tiny_qwen2", "tiny_qwen3")
+        for variant in ("hf_bf16", "te_bf16")]
+    assert all(row["speedup_vs_hf_bf16"] > 0 for row in rows)
 
 
 def test_ratios_are_against_the_same_shape():

@@ -71,6 +71,16 @@ def test_convert(tmp_path, hf_checkpoint, capsys):
     assert LlamaForCausalLM.from_pretrained(tmp_path / "out").config.architectures == ["LlamaForCausalLM"]
 
 
+def test_convert_a_checkpoint_of_another_family(tmp_path, hf_checkpoint, capsys):
+    from conftest import family_config
+
+    directory, _ = hf_checkpoint(family_config("qwen3", head_dim=24))
+    assert main(["convert", "--model", str(directory), "--output", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out.split("saved")[0])
+    assert report["max_abs_logit_diff"] < 1e-4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+
+
 def test_expected_errors_exit_2_without_traceback(tmp_path, capsys):
     assert main(["convert", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

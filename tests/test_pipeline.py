@@ -26,3 +26,16 @@ def test_text_generation_pipeline_is_quiet_and_matches_hf(tmp_path):
         outputs[name] = generator(prompts, max_new_tokens=8, do_sample=False)
     assert outputs["te"] == outputs["hf"]
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")) is LlamaForCausalLM  # Llama still loads as HF's
+
+
+def test_every_familys_class_is_accepted_by_the_pipeline(tmp_path):
+    from conftest import family_config
+    from te_llama import AutoModelForCausalLM as TEAutoModel
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    for model_type in ("mistral", "qwen3"):
+        model = TEAutoModel.from_config(family_config(model_type, vocab_size=len(tokenizer)))
+        with CaptureLogger(logging.get_logger("transformers.pipelines.base")) as captured:
+            generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+        assert "not supported" not in captured.out, model_type
+        assert generator("A short sentence", max_new_tokens=2, do_sample=False)[0]["generated_text"]

@@ -6,9 +6,10 @@ import sys
 import te_llama
 
 PUBLIC = [
-    "AdamW", "BackendUnavailableError", "CheckpointError", "CudaGraphError", "FP8Config", "FP8ConfigError",
-    "FP8StateCallback", "TELlamaDecoderLayer", "TELlamaForCausalLM",
-    "UnsupportedConfigError", "decoder_layer_class", "replace_decoder_layer", "resolve_backend",
+    "AdamW", "AutoModelForCausalLM", "BackendUnavailableError", "CheckpointError", "CudaGraphError", "FP8Config",
+    "FP8ConfigError", "FP8StateCallback", "TELlamaDecoderLayer", "TELlamaForCausalLM", "TEMistralForCausalLM",
+    "TEQwen2ForCausalLM", "TEQwen3ForCausalLM", "UnsupportedConfigError", "decoder_layer_class",
+    "replace_decoder_layer", "resolve_backend",
 ]
 
 

@@ -1,4 +1,5 @@
-"""te-llama: Hugging Face Llama models with NVIDIA Transformer Engine decoder layers.
+"""te-llama: Hugging Face Llama-family models (Llama, Mistral, Qwen2, Qwen3) with NVIDIA Transformer Engine decoder
+layers.
 
 Importing this package never imports ``transformer_engine``; the TE backend is loaded the first time a layer
 is built (or ``te_llama.TELlamaDecoderLayer`` is accessed) on a machine where it can run.
@@ -15,14 +16,16 @@ from te_llama.backend import BackendUnavailableError, resolve_backend
 from te_llama.checkpoint.files import CheckpointError
 from te_llama.training.cuda_graphs import CudaGraphError
 from te_llama.training.fp8 import FP8Config, FP8ConfigError
+from te_llama.model.auto import AutoModelForCausalLM
 from te_llama.model.layer import UnsupportedConfigError, decoder_layer_class
-from te_llama.model.modeling import TELlamaForCausalLM
+from te_llama.model.modeling import TELlamaForCausalLM, TEMistralForCausalLM, TEQwen2ForCausalLM, TEQwen3ForCausalLM
 from te_llama.model.patching import replace_decoder_layer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamW",
+    "AutoModelForCausalLM",
     "BackendUnavailableError",
     "CheckpointError",
     "CudaGraphError",
@@ -31,6 +34,9 @@ __all__ = [
     "FP8StateCallback",
     "TELlamaDecoderLayer",
     "TELlamaForCausalLM",
+    "TEMistralForCausalLM",
+    "TEQwen2ForCausalLM",
+    "TEQwen3ForCausalLM",
     "UnsupportedConfigError",
     "decoder_layer_class",
     "replace_decoder_layer",

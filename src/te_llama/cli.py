@@ -45,9 +45,9 @@ def _generate(args) -> int:
 
     from te_llama.backend import resolve_backend, working_dtype
     from te_llama.commands.generate import generate_text
-    from te_llama.model.modeling import TELlamaForCausalLM
+    from te_llama.model.auto import AutoModelForCausalLM
 
-    model = TELlamaForCausalLM.from_pretrained(args.model, dtype=working_dtype(resolve_backend()))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=working_dtype(resolve_backend()))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
     return 0
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log te-llama's decisions (backend, FP8)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tune = commands.add_parser("finetune", help="fine-tune a Llama checkpoint (FP8 on a GPU); embedded default")
-    tune.add_argument("--model", default=None, help="HF Llama checkpoint (default: embedded SmolLM2-135M-Instruct)")
+    tune = commands.add_parser("finetune", help="fine-tune a checkpoint (FP8 on a GPU); embedded default")
+    tune.add_argument("--model", default=None, help="HF checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 "
+                                                    "(default: embedded SmolLM2-135M-Instruct)")
     tune.add_argument("--data", default=None, help=".txt, .jsonl (text or prompt/completion) or a datasets "
                                                    "directory (default: embedded English text)")
     tune.add_argument("--output", default="te-llama-finetune")
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     convert = commands.add_parser("convert", help="HF -> te-llama -> HF with a logits parity check")
-    convert.add_argument("--model", required=True, help="HF Llama checkpoint directory")
+    convert.add_argument("--model", required=True, help="HF checkpoint directory (Llama, Mistral, Qwen2, Qwen3)")
     convert.add_argument("--output", required=True, help="where to write the HF checkpoint")
     convert.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (the checkpoint's)")
     convert.add_argument("--device", default=None, help="cuda or cpu (default: by backend)")

@@ -10,7 +10,11 @@ model each, with GPU memory released in between. Shapes (random weights and toke
   (torch's fused AdamW for HF and the peers, te-llama's :class:`te_llama.training.adamw.AdamW` for te-llama);
 - ``B``: full Llama-3-8B (32 layers), batch 1 x 4096, forward + backward;
 - ``C``: the TE tutorial's setting, 16 layers, batch 8 x 256, with the optimizer step;
-- ``tiny``: a small model the CPU tests run end to end.
+- ``mistral``, ``qwen2``, ``qwen3``: shape A for the other families, 8 layers of Mistral-7B-v0.3, Qwen2.5-7B and
+  Qwen3-8B (their hidden, MLP, head and vocabulary sizes and RoPE base), batch 2 x 4096 with the optimizer step;
+  the HF row of such a shape is that family's HF class, te-llama's rows its te-llama class;
+- ``tiny`` (Llama) and ``tiny_mistral`` (with a sliding window), ``tiny_qwen2``, ``tiny_qwen3``: small models the CPU
+  tests run end to end.
 
 Each row: median ms/step over the timed steps (after warm-up), tokens/s, model TFLOP/s, peak memory, final
 loss, ratios against the HF BF16 row of the same shape in the same run, and on a GPU the median SM clock and
@@ -38,11 +42,24 @@ from te_llama.training.adamw import AdamW
 from te_llama.training.adamw import describe as describe_optimizer
 from te_llama.bench.gpu_power import PowerSampler
 from te_llama.bench.variants import BASELINE, LORA, SUITE, BenchmarkArgumentError, Variant
+from te_llama.model.families import FAMILIES, family_of
 from te_llama.model.layer import head_dim
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
                  tie_word_embeddings=False)
+# The other families' 7-8B models, as their config.json files on the Hugging Face Hub give them.
+MISTRAL_7B_V03 = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=32768,
+                      rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False)
+QWEN2_5_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                  num_key_value_heads=4, rope_theta=1000000.0, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                  use_sliding_window=False, tie_word_embeddings=False)
+QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, attention_bias=False, use_sliding_window=False, tie_word_embeddings=False)
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=False)
 
 
 @dataclass(frozen=True)
@@ -52,19 +69,26 @@ class Shape:
     seq: int
     optimizer: bool
     config: dict
+    model_type: str = "llama"
+    cpu: bool = False
+    """Small enough for a CPU (the tests run it)."""
 
-    def llama_config(self):
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**{**self.config, "num_hidden_layers": self.layers})
+    def model_config(self):
+        """The shape's HF config, of its family's config class (``LlamaConfig``, ``MistralConfig``, ...)."""
+        return FAMILIES[self.model_type].config_class(**{**self.config, "num_hidden_layers": self.layers})
 
 
 SHAPES = {
     "A": Shape(8, 2, 4096, True, LLAMA3_8B),
     "B": Shape(32, 1, 4096, False, LLAMA3_8B),
     "C": Shape(16, 8, 256, True, LLAMA3_8B),
-    "tiny": Shape(2, 2, 64, True, dict(vocab_size=512, hidden_size=128, intermediate_size=256,
-                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral": Shape(8, 2, 4096, True, MISTRAL_7B_V03, "mistral"),
+    "qwen2": Shape(8, 2, 4096, True, QWEN2_5_7B, "qwen2"),
+    "qwen3": Shape(8, 2, 4096, True, QWEN3_8B, "qwen3"),
+    "tiny": Shape(2, 2, 64, True, TINY, cpu=True),
+    "tiny_mistral": Shape(2, 2, 64, True, {**TINY, "sliding_window": 32}, "mistral", cpu=True),
+    "tiny_qwen2": Shape(2, 2, 64, True, TINY, "qwen2", cpu=True),
+    "tiny_qwen3": Shape(2, 2, 64, True, {**TINY, "head_dim": 48}, "qwen3", cpu=True),
 }
 VARIANTS = SUITE  # the default suite (te_llama.bench.variants)
 RESULT_PREFIX = "BENCH_RESULT "
@@ -94,30 +118,31 @@ def _peer(module: str, pip_name: str):
 
 
 def build_model(name: str, shape: Shape, device: torch.device):
-    """The model for variant ``name``, bf16 parameters, built directly on ``device``."""
+    """The model for variant ``name``, bf16 parameters, built directly on ``device``: te-llama's class of the shape's
+    family for te-llama's variants, HF's class of that family for the peers."""
     variant = Variant.parse(name)
-    config = shape.llama_config()
-    from te_llama.model.modeling import TELlamaForCausalLM, default_dtype
+    config = shape.model_config()
+    family = family_of(config)
+    from te_llama.model.auto import AutoModelForCausalLM
+    from te_llama.model.modeling import default_dtype
 
     if variant.is_te:
         if device.type != "cuda":
-            model = TELlamaForCausalLM.from_config(config, dtype=torch.float32, device=device, backend="reference")
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, device=device, backend="reference")
         else:
             from te_llama.training.fp8 import FP8ConfigError
 
             try:
-                model = TELlamaForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te",
-                                                       fp8=variant.fp8_config())
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, device=device, backend="te",
+                                                         fp8=variant.fp8_config())
             except FP8ConfigError as error:
                 raise Skipped(str(error)) from error
             if variant.cuda_graphs:
                 model.enable_cuda_graphs()
         model.cache_fp8_weights = variant.weight_cache
         return with_lora(model) if variant.lora else model
-    from transformers import LlamaForCausalLM
-
-    if name == "liger":
-        _peer("liger_kernel.transformers", "liger-kernel").apply_liger_kernel_to_llama()
+    if name == "liger":  # apply_liger_kernel_to_llama, _mistral, _qwen2, _qwen3
+        getattr(_peer("liger_kernel.transformers", "liger-kernel"), f"apply_liger_kernel_to_{family.model_type}")()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config._attn_implementation = "sdpa"
     # Training needs no KV cache (te-llama's model does not make one). With HF's default use_cache=True every
@@ -125,7 +150,7 @@ def build_model(name: str, shape: Shape, device: torch.device):
     # recompile limit (8) leaves the layers after the eighth uncompiled.
     config.use_cache = False
     with default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(config)
+        model = family.hf_class("ForCausalLM")(config)
     if name == "torchao_fp8":
         float8 = _peer("torchao.float8", "torchao")
         float8.convert_to_float8_training(model, module_filter_fn=lambda module, name: name != "lm_head")
@@ -233,7 +258,7 @@ def run_variant(variant: str, shape_name: str, steps: int, warmup: int) -> dict:
         times, loss = time_steps(model, ids, optimizer, steps)
     ms = statistics.median(times)
     tokens = shape.batch * shape.seq
-    flops = model_flops_per_step(shape.llama_config(), shape.batch, shape.seq)
+    flops = model_flops_per_step(shape.model_config(), shape.batch, shape.seq)
     row = {"variant": variant, "shape": shape_name, "status": "ok", "ms_per_step": ms,
            "tokens_per_s": tokens / ms * 1000, "model_tflops": flops / ms / 1e9,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -323,7 +348,7 @@ def skip_reason(name: str, shape: str = "tiny") -> str | None:
         except FP8ConfigError as error:
             return str(error)
     if not torch.cuda.is_available():
-        if shape != "tiny":
+        if not SHAPES[shape].cpu:
             return f"shape {shape} needs a CUDA GPU (use --shapes tiny on a CPU)"
         return None if name in ("hf_bf16", "te_bf16", "hf_bf16_lora", "te_bf16_lora") else "needs a CUDA GPU"
     peers = {"liger": ("liger_kernel", "liger-kernel"), "torchao_fp8": ("torchao", "torchao")}

@@ -14,16 +14,16 @@ import torch
 from tqdm.auto import tqdm
 
 from te_llama.checkpoint.files import CheckpointError, TensorInfo, iter_tensors, tensor_index
-from te_llama.checkpoint.weight_mapping import WeightMappingError, hf_names, hf_target
+from te_llama.checkpoint.weight_mapping import WeightMappingError, WeightTable, hf_names, hf_target
 
 _SHOWN = 8
 
 
-def expected_hf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(model: torch.nn.Module, table: WeightTable) -> dict[str, tuple[int, ...]]:
     """HF key -> shape for every parameter of the model (tied weights once)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for te_key, param in model.named_parameters():
-        names = hf_names(te_key)
+        names = hf_names(te_key, table)
         rows = param.shape[0] // len(names)
         for name in names:
             shapes[name] = (rows, *param.shape[1:]) if len(names) > 1 else tuple(param.shape)
@@ -40,12 +40,12 @@ def _skipped(key: str, tied: bool) -> bool:
 
 
 def check_checkpoint(directory: Path, index: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]],
-                     tied: bool) -> None:
+                     tied: bool, table: WeightTable) -> None:
     """Raise :class:`CheckpointError` listing every key or shape that disagrees with the model's config."""
     unexpected, mismatched, present = [], [], set()
     for key, info in index.items():
         try:
-            target = hf_target(key)
+            target = hf_target(key, table)
         except WeightMappingError:
             unexpected.append(key)
             continue
@@ -70,9 +70,10 @@ def check_checkpoint(directory: Path, index: dict[str, TensorInfo], expected: di
         raise CheckpointError(f"{directory}: the checkpoint does not match its config.json: " + " | ".join(problems))
 
 
-def copy_hf_tensor(params: dict[str, torch.nn.Parameter], key: str, tensor: torch.Tensor, tied: bool) -> bool:
+def copy_hf_tensor(params: dict[str, torch.nn.Parameter], key: str, tensor: torch.Tensor, tied: bool,
+                   table: WeightTable) -> bool:
     """Copy one HF tensor into its TE parameter (or row block of a fused one). False if the key is dropped."""
-    target = hf_target(key)
+    target = hf_target(key, table)
     if target is None or _skipped(key, tied):
         return False
     te_key, part, parts = target
@@ -85,18 +86,19 @@ def copy_hf_tensor(params: dict[str, torch.nn.Parameter], key: str, tensor: torc
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, directory: Path, files: list[Path]) -> None:
-    """Copy the checkpoint in ``files`` into ``model``'s parameters (validated first, streamed by shard)."""
+def load_hf_weights(model: torch.nn.Module, directory: Path, files: list[Path], table: WeightTable) -> None:
+    """Copy the checkpoint in ``files`` into ``model``'s parameters (validated first, streamed by shard), naming
+    tensors by ``table`` (the model's family)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     index = tensor_index(files)
-    expected = expected_hf_shapes(model)
-    check_checkpoint(directory, index, expected, tied)
+    expected = expected_hf_shapes(model, table)
+    check_checkpoint(directory, index, expected, tied, table)
     params = dict(model.named_parameters())
     filled: set[str] = set()
     progress = tqdm(total=len(expected), desc="Loading weights", unit="tensor", leave=False,
                     disable=len(expected) < 64)
     for key, tensor in iter_tensors(files):
-        if copy_hf_tensor(params, key, tensor, tied):
+        if copy_hf_tensor(params, key, tensor, tied, table):
             filled.add(key)
             progress.update()
     progress.close()

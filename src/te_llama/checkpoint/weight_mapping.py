@@ -1,48 +1,76 @@
-"""Names of Llama weights in Hugging Face checkpoints and in te-llama models: one table, the reverse derived.
+"""Names of weights in Hugging Face checkpoints and in te-llama models: one table per model family, the reverse
+derived.
 
 ``{}`` stands for the layer index. ``None`` marks checkpoint keys that are dropped (buffers old HF versions
-saved). TE keeps the MLP's gate and up projections in one ``fc1_weight`` (gate rows first); :data:`FUSED`
-lists its parts, and :func:`split_fused` / :func:`merge_fused` convert. Functions here are pure: state dict in,
-state dict out.
+saved). TE keeps the MLP's gate and up projections in one ``fc1_weight`` (gate rows first); a table's ``fused``
+lists its parts, and :func:`split_fused` / :func:`merge_fused` convert. The families share one set of names and
+differ only in which biases and norms they have: Mistral has none of Llama's optional biases, Qwen2 has q/k/v
+biases only, Qwen3 adds the per-head q/k norms. Functions here are pure: state dict in, state dict out.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 ATTN = "model.layers.{}.self_attention."
 MLP = "model.layers.{}.layernorm_mlp."
+HF_LAYER = "model.layers.{}."
 
-HF_TO_TE: dict[str, str | None] = {
+
+@dataclass(frozen=True)
+class WeightTable:
+    """One family's names: HF key -> TE key (``None``: dropped) and TE's fused tensors -> their HF parts."""
+
+    family: str
+    hf_to_te: Mapping[str, str | None]
+    fused: Mapping[str, tuple[str, ...]]
+    te_to_hf: Mapping[str, str] = field(init=False, repr=False)
+    fused_part_of: Mapping[str, tuple[str, int]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "te_to_hf", {te: hf for hf, te in self.hf_to_te.items() if te is not None})
+        object.__setattr__(self, "fused_part_of", {part: (fused, index) for fused, parts in self.fused.items()
+                                                   for index, part in enumerate(parts)})
+
+
+SHARED: dict[str, str | None] = {
     "model.embed_tokens.weight": "model.embed_tokens.weight",
     "model.norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
-    "model.layers.{}.input_layernorm.weight": ATTN + "layernorm_qkv.layer_norm_weight",
-    "model.layers.{}.self_attn.q_proj.weight": ATTN + "layernorm_qkv.query_weight",
-    "model.layers.{}.self_attn.k_proj.weight": ATTN + "layernorm_qkv.key_weight",
-    "model.layers.{}.self_attn.v_proj.weight": ATTN + "layernorm_qkv.value_weight",
-    "model.layers.{}.self_attn.q_proj.bias": ATTN + "layernorm_qkv.query_bias",
-    "model.layers.{}.self_attn.k_proj.bias": ATTN + "layernorm_qkv.key_bias",
-    "model.layers.{}.self_attn.v_proj.bias": ATTN + "layernorm_qkv.value_bias",
-    "model.layers.{}.self_attn.o_proj.weight": ATTN + "proj.weight",
-    "model.layers.{}.self_attn.o_proj.bias": ATTN + "proj.bias",
-    "model.layers.{}.post_attention_layernorm.weight": MLP + "layer_norm_weight",
-    "model.layers.{}.mlp.down_proj.weight": MLP + "fc2_weight",
-    "model.layers.{}.mlp.down_proj.bias": MLP + "fc2_bias",
-    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    HF_LAYER + "input_layernorm.weight": ATTN + "layernorm_qkv.layer_norm_weight",
+    HF_LAYER + "self_attn.q_proj.weight": ATTN + "layernorm_qkv.query_weight",
+    HF_LAYER + "self_attn.k_proj.weight": ATTN + "layernorm_qkv.key_weight",
+    HF_LAYER + "self_attn.v_proj.weight": ATTN + "layernorm_qkv.value_weight",
+    HF_LAYER + "self_attn.o_proj.weight": ATTN + "proj.weight",
+    HF_LAYER + "post_attention_layernorm.weight": MLP + "layer_norm_weight",
+    HF_LAYER + "mlp.down_proj.weight": MLP + "fc2_weight",
+    HF_LAYER + "self_attn.rotary_emb.inv_freq": None,
 }
+QKV_BIAS = {
+    HF_LAYER + "self_attn.q_proj.bias": ATTN + "layernorm_qkv.query_bias",
+    HF_LAYER + "self_attn.k_proj.bias": ATTN + "layernorm_qkv.key_bias",
+    HF_LAYER + "self_attn.v_proj.bias": ATTN + "layernorm_qkv.value_bias",
+}
+O_BIAS = {HF_LAYER + "self_attn.o_proj.bias": ATTN + "proj.bias"}
+QK_NORM = {  # TE's MultiheadAttention(qk_norm_type="RMSNorm") keeps them as q_norm / k_norm, one weight per head dim
+    HF_LAYER + "self_attn.q_norm.weight": ATTN + "q_norm.weight",
+    HF_LAYER + "self_attn.k_norm.weight": ATTN + "k_norm.weight",
+}
+GATE_UP = {MLP + "fc1_weight": (HF_LAYER + "mlp.gate_proj.weight", HF_LAYER + "mlp.up_proj.weight")}
+MLP_BIAS_FUSED = {MLP + "fc1_bias": (HF_LAYER + "mlp.gate_proj.bias", HF_LAYER + "mlp.up_proj.bias")}
+DOWN_BIAS = {HF_LAYER + "mlp.down_proj.bias": MLP + "fc2_bias"}
 
-FUSED: dict[str, tuple[str, ...]] = {
-    MLP + "fc1_weight": ("model.layers.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
-    MLP + "fc1_bias": ("model.layers.{}.mlp.gate_proj.bias", "model.layers.{}.mlp.up_proj.bias"),
-}
+LLAMA = WeightTable("Llama", {**SHARED, **QKV_BIAS, **O_BIAS, **DOWN_BIAS}, {**GATE_UP, **MLP_BIAS_FUSED})
+MISTRAL = WeightTable("Mistral", SHARED, GATE_UP)
+QWEN2 = WeightTable("Qwen2", {**SHARED, **QKV_BIAS}, GATE_UP)
+QWEN3 = WeightTable("Qwen3", {**SHARED, **QKV_BIAS, **O_BIAS, **QK_NORM}, GATE_UP)
 
-TE_TO_HF: dict[str, str] = {te: hf for hf, te in HF_TO_TE.items() if te is not None}
-FUSED_PART_OF: dict[str, tuple[str, int]] = {
-    part: (fused, index) for fused, parts in FUSED.items() for index, part in enumerate(parts)
-}
+# Llama's table under the names it had before there were families.
+HF_TO_TE, FUSED, TE_TO_HF, FUSED_PART_OF = LLAMA.hf_to_te, LLAMA.fused, LLAMA.te_to_hf, LLAMA.fused_part_of
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -64,29 +92,30 @@ def _fill(pattern: str, layer: str | None) -> str:
     return pattern.format(layer) if layer is not None else pattern
 
 
-def hf_target(hf_key: str) -> tuple[str, int, int] | None:
+def hf_target(hf_key: str, table: WeightTable = LLAMA) -> tuple[str, int, int] | None:
     """Where an HF tensor goes: (TE key, part index, number of parts), or ``None`` for dropped keys.
 
-    Unfused tensors are part 0 of 1. Raises :class:`WeightMappingError` for keys that are not Llama weights.
+    Unfused tensors are part 0 of 1. Raises :class:`WeightMappingError` for keys that are not weights of the
+    table's family.
     """
     pattern, layer = generic(hf_key)
-    if pattern in FUSED_PART_OF:
-        fused, index = FUSED_PART_OF[pattern]
-        return _fill(fused, layer), index, len(FUSED[fused])
-    if pattern not in HF_TO_TE:
-        raise WeightMappingError(f"{hf_key!r} is not a Llama weight te-llama knows how to map")
-    target = HF_TO_TE[pattern]
+    if pattern in table.fused_part_of:
+        fused, index = table.fused_part_of[pattern]
+        return _fill(fused, layer), index, len(table.fused[fused])
+    if pattern not in table.hf_to_te:
+        raise WeightMappingError(f"{hf_key!r} is not a {table.family} weight te-llama knows how to map")
+    target = table.hf_to_te[pattern]
     return None if target is None else (_fill(target, layer), 0, 1)
 
 
-def hf_names(te_key: str) -> tuple[str, ...]:
+def hf_names(te_key: str, table: WeightTable = LLAMA) -> tuple[str, ...]:
     """The HF key(s) a TE parameter is made of (two for fused tensors)."""
     pattern, layer = generic(te_key)
-    if pattern in FUSED:
-        return tuple(_fill(part, layer) for part in FUSED[pattern])
-    if pattern not in TE_TO_HF:
-        raise WeightMappingError(f"{te_key!r} is not a te-llama parameter with an HF name")
-    return (_fill(TE_TO_HF[pattern], layer),)
+    if pattern in table.fused:
+        return tuple(_fill(part, layer) for part in table.fused[pattern])
+    if pattern not in table.te_to_hf:
+        raise WeightMappingError(f"{te_key!r} is not a te-llama {table.family} parameter with an HF name")
+    return (_fill(table.te_to_hf[pattern], layer),)
 
 
 def split_fused(tensor: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
@@ -105,12 +134,12 @@ def is_te_extra_state(key: str) -> bool:
 
 
 @torch.no_grad()
-def hf_to_te(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an HF Llama state dict to te-llama's parameter names, fusing gate and up projections."""
+def hf_to_te(state_dict: dict[str, torch.Tensor], table: WeightTable = LLAMA) -> dict[str, torch.Tensor]:
+    """Rename an HF state dict of the table's family to te-llama's parameter names, fusing gate and up."""
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, list[torch.Tensor | None]] = {}
     for key, tensor in state_dict.items():
-        target = hf_target(key)
+        target = hf_target(key, table)
         if target is None:
             continue
         te_key, index, parts = target
@@ -119,7 +148,7 @@ def hf_to_te(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             pending.setdefault(te_key, [None] * parts)[index] = tensor
     for te_key, tensors in pending.items():
-        missing = [name for name, t in zip(hf_names(te_key), tensors) if t is None]
+        missing = [name for name, t in zip(hf_names(te_key, table), tensors) if t is None]
         if missing:
             raise WeightMappingError(f"{te_key} needs {', '.join(missing)}, which the state dict lacks")
         out[te_key] = merge_fused(tensors)
@@ -127,13 +156,15 @@ def hf_to_te(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def te_to_hf(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool = False) -> dict[str, torch.Tensor]:
-    """Rename a te-llama state dict to HF Llama names; drops TE's FP8 state and, if tied, ``lm_head.weight``."""
+def te_to_hf(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool = False,
+             table: WeightTable = LLAMA) -> dict[str, torch.Tensor]:
+    """Rename a te-llama state dict to the HF names of the table's family; drops TE's FP8 state and, if tied,
+    ``lm_head.weight``."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if is_te_extra_state(key) or (tie_word_embeddings and key == "lm_head.weight"):
             continue
-        names = hf_names(key)
+        names = hf_names(key, table)
         tensors = split_fused(tensor, len(names)) if len(names) > 1 else (tensor,)
         out.update(zip(names, tensors))
     return out

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+import transformers
 
-from te_llama.model.modeling import TELlamaForCausalLM, resolve_dtype
+from te_llama.model.auto import AutoModelForCausalLM
+from te_llama.model.modeling import TECausalLM, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ParityReport:
 
 
 @torch.no_grad()
-def logits_parity(te_model: TELlamaForCausalLM, hf_model: LlamaForCausalLM, ids: torch.Tensor) -> ParityReport:
+def logits_parity(te_model: TECausalLM, hf_model: transformers.PreTrainedModel, ids: torch.Tensor) -> ParityReport:
     """Compare both models' logits on ``ids`` (shape ``[batch, seq]``)."""
     expected = hf_model(ids.to(hf_model.device)).logits.double()
     actual = te_model(ids.to(te_model.device)).logits.double().to(expected.device)
@@ -42,8 +43,9 @@ def logits_parity(te_model: TELlamaForCausalLM, hf_model: LlamaForCausalLM, ids:
 def convert_checkpoint(model: str | os.PathLike, output: str | os.PathLike, dtype: str = "auto",
                        device: str | None = None, check_tokens: int = 256) -> ParityReport:
     """Load ``model`` into te-llama, check logits against transformers, save an HF checkpoint to ``output``."""
-    te_model = TELlamaForCausalLM.from_pretrained(model, dtype=dtype, device=device)
-    hf_model = LlamaForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, te_model.config)).to(te_model.device)
+    te_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        model, dtype=resolve_dtype(dtype, te_model.config)).to(te_model.device)
     hf_model.eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, te_model.config.vocab_size, (1, check_tokens), generator=generator)

@@ -1,4 +1,5 @@
-"""``te-llama finetune``: fine-tune a Llama checkpoint with te-llama on the HF Trainer, FP8 on a GPU.
+"""``te-llama finetune``: fine-tune a Llama, Mistral, Qwen2 or Qwen3 checkpoint with te-llama on the HF Trainer, FP8 on
+a GPU.
 
 With no ``--model``/``--data`` it fine-tunes the embedded SmolLM2-135M-Instruct on the embedded English text
 (the news corpus; on a GPU also the Wikipedia excerpt). It reports perplexity on a held-out split before and
@@ -35,7 +36,8 @@ from te_llama.commands.evaluate import perplexity
 from te_llama.training.fp8 import describe, parse_fp8
 from te_llama.commands.generate import generate_text
 from te_llama.commands.lora import add_lora, describe_lora, lora_settings, lora_summary, save_lora
-from te_llama.model.modeling import TELlamaForCausalLM, read_llama_config
+from te_llama.model.auto import AutoModelForCausalLM
+from te_llama.model.modeling import read_config
 from te_llama.training.fp8_state import (
     CheckpointCompleteCallback,
     FP8StateCallback,
@@ -58,7 +60,7 @@ class OutOfMemoryAdvice(RuntimeError):
 
 @dataclass
 class FinetuneConfig:
-    model: str | None = None  # HF Llama checkpoint directory; None: embedded SmolLM2-135M-Instruct
+    model: str | None = None  # HF checkpoint (Llama, Mistral, Qwen2, Qwen3); None: embedded SmolLM2-135M-Instruct
     data: str | None = None  # .txt, .jsonl or datasets directory; None: embedded English text
     output: str = "te-llama-finetune"
     fp8: str = "auto"  # auto: FP8 on a GPU with TE, otherwise off (said so); or delayed/current/block/mxfp8/off
@@ -215,7 +217,7 @@ def finetune(config: FinetuneConfig) -> dict:
     model_dir = Path(config.model) if config.model else smollm2_checkpoint()
     if not model_dir.is_dir():
         raise CheckpointError(f"--model {model_dir}: not a directory (a local Hugging Face checkpoint is needed)")
-    read_llama_config(model_dir), weight_files(model_dir)  # fail before touching --output
+    read_config(model_dir), weight_files(model_dir)  # fail before touching --output
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) to tokenize "
                               "the data with")
@@ -227,7 +229,7 @@ def finetune(config: FinetuneConfig) -> dict:
     wait_for_everyone()
 
     dtype = working_dtype(backend)
-    base = TELlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8, device=processes.device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8, device=processes.device)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     if config.cuda_graphs:
@@ -332,7 +334,7 @@ def eval_perplexity(model: str, data: str, seq_len: int = 512, batch_size: int =
     """``te-llama eval``: perplexity of a checkpoint on a data file (all of it, or ``max_blocks`` blocks)."""
     examples, skipped = read_examples(data, skip_bad_lines)
     backend = resolve_backend()
-    te_model = TELlamaForCausalLM.from_pretrained(model, dtype=working_dtype(backend))
+    te_model = AutoModelForCausalLM.from_pretrained(model, dtype=working_dtype(backend))
     tokenizer = AutoTokenizer.from_pretrained(model)
     blocks = tokenize_and_pack(examples, tokenizer, seq_len)[:max_blocks]
     value = perplexity(te_model, blocks, batch_size)

@@ -10,7 +10,8 @@ module around a site therefore returns exactly the adapters' contribution, with 
 rsLoRA, several or disabled adapters; the layer adds it where HF's projection output is:
 
 - ``q_proj``, ``k_proj``, ``v_proj`` see the normed hidden states (what HF's see) and add to the columns of
-  ``layernorm_qkv``'s output ([q | k | v], TE's order with unfused q/k/v parameters);
+  ``layernorm_qkv``'s output ([q | k | v], TE's order with unfused q/k/v parameters), before anything else sees it:
+  Qwen3's q/k norm then normalises ``q_proj(x) + lora(x)``, as HF's ``q_norm(q_proj(x))`` does with PEFT;
 - ``o_proj`` sees the attention output, ``proj``'s input, and adds to ``proj``'s output;
 - ``gate_proj``, ``up_proj`` and ``down_proj`` need the MLP's intermediate values, which ``LayerNormMLP`` never
   exposes, so a layer with MLP adapters computes its MLP unfused: norm -> fc1 (+ gate/up) -> SwiGLU -> fc2
@@ -98,29 +99,29 @@ class MLPProjections(nn.Module):
             self.add_module(name, sites[name])
 
 
-def add_projection_sites(layer: nn.Module, config) -> None:
-    """Give ``layer`` (a ``TELlamaDecoderLayer``) HF's ``self_attn.*_proj`` and ``mlp.*_proj`` modules."""
+def add_projection_sites(layer: nn.Module, config, biases) -> None:
+    """Give ``layer`` (a ``TELlamaDecoderLayer``) HF's ``self_attn.*_proj`` and ``mlp.*_proj`` modules; ``biases``
+    (:class:`te_llama.model.families.Biases`): which of them have a bias in HF's model."""
     attention, mlp = layer.self_attention, layer.layernorm_mlp
     qkv = attention.layernorm_qkv
     hidden, ffn = config.hidden_size, config.intermediate_size
     heads_dim = attention.proj.weight.shape[1]
     kv_dim = qkv.key_weight.shape[0]
-    attention_bias, mlp_bias = bool(config.attention_bias), bool(config.mlp_bias)
 
     def bias(name: str, present: bool) -> str | None:
         return name if present else None
 
     layer.self_attn = AttentionProjections(
-        q_proj=ProjectionSite(qkv, "query_weight", bias("query_bias", attention_bias), hidden, heads_dim),
-        k_proj=ProjectionSite(qkv, "key_weight", bias("key_bias", attention_bias), hidden, kv_dim),
-        v_proj=ProjectionSite(qkv, "value_weight", bias("value_bias", attention_bias), hidden, kv_dim),
-        o_proj=ProjectionSite(attention.proj, "weight", bias("bias", attention_bias), heads_dim, hidden),
+        q_proj=ProjectionSite(qkv, "query_weight", bias("query_bias", biases.qkv), hidden, heads_dim),
+        k_proj=ProjectionSite(qkv, "key_weight", bias("key_bias", biases.qkv), hidden, kv_dim),
+        v_proj=ProjectionSite(qkv, "value_weight", bias("value_bias", biases.qkv), hidden, kv_dim),
+        o_proj=ProjectionSite(attention.proj, "weight", bias("bias", biases.proj), heads_dim, hidden),
     )
     layer.mlp = MLPProjections(
-        mlp_bias,
-        gate_proj=ProjectionSite(mlp, "fc1_weight", bias("fc1_bias", mlp_bias), hidden, ffn, slice(0, ffn)),
-        up_proj=ProjectionSite(mlp, "fc1_weight", bias("fc1_bias", mlp_bias), hidden, ffn, slice(ffn, 2 * ffn)),
-        down_proj=ProjectionSite(mlp, "fc2_weight", bias("fc2_bias", mlp_bias), ffn, hidden),
+        biases.mlp,
+        gate_proj=ProjectionSite(mlp, "fc1_weight", bias("fc1_bias", biases.mlp), hidden, ffn, slice(0, ffn)),
+        up_proj=ProjectionSite(mlp, "fc1_weight", bias("fc1_bias", biases.mlp), hidden, ffn, slice(ffn, 2 * ffn)),
+        down_proj=ProjectionSite(mlp, "fc2_weight", bias("fc2_bias", biases.mlp), ffn, hidden),
     )
 
 
@@ -204,8 +205,10 @@ def forward_with_adapters(layer: nn.Module, adapters: dict[str, nn.Module], hidd
         if not any(name in adapters for name in MLP_SITES):
             return layer.te_forward(hidden_states, rotary_pos_emb, mask, mask_type, is_first_microbatch,
                                     weights_cached=False)
+        # TE's TransformerLayer hands its window_size to the attention at each call; so must a direct call.
         attention = layer.self_attention(hidden_states, attention_mask=mask, attn_mask_type=mask_type,
-                                         rotary_pos_emb=rotary_pos_emb, is_first_microbatch=is_first_microbatch)
+                                         window_size=layer.window_size, rotary_pos_emb=rotary_pos_emb,
+                                         is_first_microbatch=is_first_microbatch)
     # TE's TransformerLayer with hidden_dropout=0 and pre-norm: x + attention(x), then + mlp(...).
     hidden_states = hidden_states + plus_bias(attention)
     return hidden_states + unfused_mlp(layer, hidden_states, adapters, is_first_microbatch)

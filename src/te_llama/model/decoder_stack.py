@@ -1,8 +1,9 @@
-"""``TELlamaModel``: HF's ``LlamaModel`` whose forward runs the decoder layers the way te-llama set them up.
+"""``TELlamaModel`` (and ``TEMistralModel``, ``TEQwen2Model``, ``TEQwen3Model``): HF's decoder stack of each family
+whose forward runs the decoder layers the way te-llama set them up (:class:`TEDecoderStack`).
 
 What must hold whenever the decoder layers run lives here, in the decoder stack's forward, and not in the causal-LM
 head's, so it holds whoever calls the stack: ``model(...)``, ``generate()``, or ``model.model(...)`` directly, as
-TRL's fused LM head and Liger-style patches do. One pass (:meth:`TELlamaModel.forward`):
+TRL's fused LM head and Liger-style patches do. One pass (:meth:`TEDecoderStack.forward`):
 
 1. refuse ``torch.nn.DataParallel`` replicas (:func:`te_llama.training.distributed.refuse_data_parallel`);
 2. mark fixed-length batches as plain causal, skipping HF's mask creation (:mod:`te_llama.model.masks`), and turn
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LlamaModel
+from transformers import LlamaModel, MistralModel, Qwen2Model, Qwen3Model
 
 from te_llama import te_patches
 from te_llama.model.adapters import has_adapters
@@ -55,15 +56,15 @@ class StackSettings:
         return None if self.fp8_config is None else resolve_recipe_name(self.fp8_config)
 
 
-class TELlamaModel(LlamaModel):
-    """``LlamaModel`` (embeddings, ``TELlamaDecoderLayer``s, final norm) that runs its layers under
-    :class:`StackSettings`."""
+class TEDecoderStack:
+    """What te-llama adds to a family's HF decoder stack (``LlamaModel``, ``MistralModel``, ...: embeddings,
+    ``TELlamaDecoderLayer``s, final norm): it runs the layers under :class:`StackSettings`. Put it first among the
+    bases, before HF's class, whose forward it wraps."""
 
     def __init__(self, config):
         super().__init__(config)
         self.te_settings = StackSettings()
 
-    @functools.wraps(LlamaModel.forward)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
         refuse_data_parallel(self)
         embeds = kwargs.get("inputs_embeds")
@@ -145,3 +146,43 @@ class TELlamaModel(LlamaModel):
     def fp8_weights_changed(self) -> None:
         if self.te_settings.weight_cache is not None:
             self.te_settings.weight_cache.weights_changed()
+
+
+def _forward_of(hf_stack: type):
+    """:meth:`TEDecoderStack.forward` under ``hf_stack.forward``'s name, signature and docstring (a function of its
+    own per family, as ``functools.wraps`` writes onto the function it wraps)."""
+
+    @functools.wraps(hf_stack.forward)
+    def forward(self, *args, **kwargs):
+        return TEDecoderStack.forward(self, *args, **kwargs)
+
+    return forward
+
+
+class TELlamaModel(TEDecoderStack, LlamaModel):
+    """``LlamaModel`` that runs its ``TELlamaDecoderLayer``s under :class:`StackSettings`."""
+
+    forward = _forward_of(LlamaModel)
+
+
+class TEMistralModel(TEDecoderStack, MistralModel):
+    """``MistralModel`` that runs its ``TELlamaDecoderLayer``s under :class:`StackSettings`."""
+
+    forward = _forward_of(MistralModel)
+
+
+class TEQwen2Model(TEDecoderStack, Qwen2Model):
+    """``Qwen2Model`` that runs its ``TELlamaDecoderLayer``s under :class:`StackSettings`."""
+
+    forward = _forward_of(Qwen2Model)
+
+
+class TEQwen3Model(TEDecoderStack, Qwen3Model):
+    """``Qwen3Model`` that runs its ``TELlamaDecoderLayer``s under :class:`StackSettings`."""
+
+    forward = _forward_of(Qwen3Model)
+
+
+STACKS: dict[str, type] = {"llama": TELlamaModel, "mistral": TEMistralModel, "qwen2": TEQwen2Model,
+                           "qwen3": TEQwen3Model}
+"""Each family's stack by ``model_type`` (what :func:`te_llama.model.patching.replace_decoder_layer` swaps in)."""

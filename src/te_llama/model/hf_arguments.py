@@ -14,7 +14,7 @@ ATTENTION = (None, "sdpa")
 
 NO_OPS = {
     "low_cpu_mem_usage": "te-llama always streams the checkpoint into the model without a random initialisation",
-    "trust_remote_code": "Llama's modelling code is transformers' own; no code from the checkpoint runs",
+    "trust_remote_code": "the families' modelling code is transformers' own; no code from the checkpoint runs",
     "local_files_only": "te-llama loads local directories only",
 }
 
@@ -66,7 +66,7 @@ def loading_arguments(hf_kwargs: dict, device) -> tuple[torch.device | str | Non
     subfolder = kwargs.pop("subfolder", None) or None
     if kwargs:
         raise LoadingArgumentError(
-            f"TELlamaForCausalLM.from_pretrained got unsupported argument(s) {', '.join(sorted(kwargs))}; it takes "
+            f"te-llama's from_pretrained got unsupported argument(s) {', '.join(sorted(kwargs))}; it takes "
             "dtype (or torch_dtype), device, backend, fp8, and HF's device_map (one device), attn_implementation "
             f"({' or '.join(repr(a) for a in ATTENTION)}), subfolder, {', '.join(NO_OPS)}")
     return device, subfolder

@@ -4,12 +4,13 @@ TE's fused ``TransformerLayer`` takes the whole sequence at once and keeps no ke
 carries an HF ``Cache`` (``DynamicCache``, ``StaticCache``, ..., whatever ``generate()`` made) therefore runs the
 layer's TE modules one by one, with the cache between them:
 
-    layernorm_qkv (TE) -> RoPE at each row's positions -> cache.update(k, v) -> SDPA over the cached keys and
-    values, with HF's mask -> proj (TE) -> residual -> layernorm_mlp (TE) -> residual
+    layernorm_qkv (TE) -> q/k norm (TE, Qwen3) -> RoPE at each row's positions -> cache.update(k, v) -> SDPA over
+    the cached keys and values, with HF's mask -> proj (TE) -> residual -> layernorm_mlp (TE) -> residual
 
 So greedy decoding, sampling, beam search (HF reorders its own cache), left-padded batches, stopping criteria,
 streamers and ``pipeline()`` work as in HF, on HF's cache objects. Using HF's ``Cache`` rather than TE's
-``InferenceParams`` keeps every cache type and cache operation ``generate()`` knows. PEFT adapters apply here
+``InferenceParams`` keeps every cache type and cache operation ``generate()`` knows. With a sliding window HF's mask
+already holds it, and HF's cache may keep only the window's keys; SDPA uses both as given. PEFT adapters apply here
 too (:mod:`te_llama.model.adapters`). Forwards without a cache (training, scoring) keep TE's fused layer.
 """
 
@@ -48,6 +49,8 @@ def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_
     with attention_adapters(attention, adapters):
         q, k, v = qkv_module(hidden_states).split(sizes, dim=-1)
         q, k, v = q.view(b, s, -1, head), k.view(b, s, -1, head), v.view(b, s, -1, head)
+        if getattr(attention, "q_norm", None) is not None:  # Qwen3: te-llama sets qk_norm_before_rope=True
+            q, k = attention.q_norm(q), attention.k_norm(k)
         angles = angles_at(rotary.position_ids.expand(b, s), rotary.inv_freq)[:, :, None, :]  # each row's positions
         q, k = rotate(q, angles), rotate(k, angles)  # float32, as TE's fused RoPE
         keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer.layer_idx)

@@ -1,9 +1,10 @@
-"""``TELlamaDecoderLayer``: a Transformer Engine ``TransformerLayer`` configured as a Llama decoder layer.
+"""``TELlamaDecoderLayer``: a Transformer Engine ``TransformerLayer`` configured as the decoder layer of a Llama-family
+model (Llama, Mistral, Qwen2, Qwen3: :mod:`te_llama.model.families`).
 
 The class derives from ``transformer_engine.pytorch.TransformerLayer`` on the TE backend and from the
 pure-PyTorch reference (:mod:`te_llama.model.reference_layer`) otherwise; :func:`decoder_layer_class` builds it for a
 backend. It takes ``(config, layer_idx)`` like HF's ``LlamaDecoderLayer`` and accepts the call HF's
-``LlamaModel`` makes, so it can be swapped in while the model is built.
+``LlamaModel`` (or ``MistralModel``, ...) makes, so it can be swapped in while the model is built.
 """
 
 from __future__ import annotations
@@ -17,46 +18,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from te_llama import te_patches
 from te_llama.backend import Backend, resolve_backend, transformer_layer_base
 from te_llama.model.adapters import active_adapters, add_projection_sites, forward_with_adapters
+from te_llama.model.families import UnsupportedConfigError, check_config  # noqa: F401 (where callers import them)
+from te_llama.model.families import Biases, attention_window, te_kwargs
 from te_llama.model.kv_cache import forward_with_cache
 from te_llama.model.packed import forward_packed
 from te_llama.model.rope import RotaryAngles, softmax_scale
-
-
-class UnsupportedConfigError(ValueError):
-    """A Llama config field that Transformer Engine's TransformerLayer cannot express."""
-
-
-_UNSUPPORTED_FLAGS = ("use_qk_norm", "qk_norm", "qk_layernorm", "use_sliding_window", "attn_logit_softcapping")
-
-
-def check_config(config) -> None:
-    """Raise :class:`UnsupportedConfigError` naming the first field TE cannot express."""
-    model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
-        raise UnsupportedConfigError(
-            f"model_type is {model_type!r}; te-llama converts Llama-architecture models (model_type 'llama') only"
-        )
-    if config.hidden_act != "silu":
-        raise UnsupportedConfigError(
-            f"hidden_act={config.hidden_act!r}: TE's fused MLP implements Llama's SwiGLU, which needs 'silu'"
-        )
-    if bool(config.attention_bias) != bool(config.mlp_bias):
-        raise UnsupportedConfigError(
-            f"attention_bias={config.attention_bias} but mlp_bias={config.mlp_bias}: TE's TransformerLayer has one "
-            "bias switch for all projections, so both must be equal"
-        )
-    for flag in _UNSUPPORTED_FLAGS:
-        if getattr(config, flag, None):
-            raise UnsupportedConfigError(f"{flag}={getattr(config, flag)!r} is not supported by te-llama's layer")
-    if getattr(config, "sliding_window", None) is not None:
-        raise UnsupportedConfigError(f"sliding_window={config.sliding_window}: te-llama uses full causal attention")
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise UnsupportedConfigError(
-            f"num_attention_heads={config.num_attention_heads} is not a multiple of "
-            f"num_key_value_heads={config.num_key_value_heads}"
-        )
-    if getattr(config, "pretraining_tp", 1) not in (None, 1):
-        raise UnsupportedConfigError(f"pretraining_tp={config.pretraining_tp}: only 1 is supported")
 
 
 def head_dim(config) -> int:
@@ -64,7 +30,7 @@ def head_dim(config) -> int:
 
 
 def transformer_layer_kwargs(config, layer_idx: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Arguments of ``TransformerLayer`` that make it compute a Llama decoder layer."""
+    """Arguments of ``TransformerLayer`` that make it compute the decoder layer of the config's family."""
     std = config.initializer_range
 
     def init_method(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,13 +50,31 @@ def transformer_layer_kwargs(config, layer_idx: int, device: torch.device, dtype
         layer_number=layer_idx + 1,  # TE counts layers from 1
         self_attn_mask_type="causal",
         params_dtype=dtype,
-        bias=bool(config.attention_bias),
         activation="swiglu",
         normalization="RMSNorm",
         device=device,
         attn_input_format="bshd",
         fuse_qkv_params=False,
+        **te_kwargs(config),  # bias, and per family: window_size, qk_norm_*
     )
+
+
+def _absent_biases_as_zeros(layer: torch.nn.Module, biases: Biases) -> None:
+    """Make the biases that TE's one ``bias`` switch created and HF's model lacks (Qwen2: o and the MLP) zeros.
+
+    Each becomes a non-persistent zero buffer under its parameter's name. TE's modules read it by attribute as before,
+    and adding zero changes no value; as no parameter it is in no optimizer, ``state_dict()``, checkpoint or weight
+    table, and nothing can train it away from zero. The gradient TE's backward may still compute for it goes nowhere
+    (a buffer takes none)."""
+    if not biases.te_switch:
+        return
+    groups = ((biases.qkv, layer.self_attention.layernorm_qkv, ("query_bias", "key_bias", "value_bias")),
+              (biases.proj, layer.self_attention.proj, ("bias",)),
+              (biases.mlp, layer.layernorm_mlp, ("fc1_bias", "fc2_bias")))
+    for present, module, names in groups:
+        for name in () if present else names:
+            param = module._parameters.pop(name)
+            module.register_buffer(name, torch.zeros_like(param.detach()), persistent=False)
 
 
 def _set_softmax_scale(core_attention: torch.nn.Module, scale: float) -> None:
@@ -101,25 +85,28 @@ def _set_softmax_scale(core_attention: torch.nn.Module, scale: float) -> None:
 
 
 class _LlamaLayerAdapter:
-    """Maps the Llama config onto TransformerLayer and HF's decoder-layer call onto TE's forward."""
+    """Maps the family's config onto TransformerLayer and HF's decoder-layer call onto TE's forward."""
 
     backend: Backend
     cuda_graph = None
     """The model's :class:`te_llama.training.cuda_graphs.StackGraph` once it has recorded CUDA graphs, else ``None``."""
 
     def __init__(self, config, layer_idx: int):
-        check_config(config)
+        biases = check_config(config).biases(config)
         device = torch.get_default_device()
         if self.backend == "te" and device.type == "cpu":
             device = torch.device("cuda")
         super().__init__(**transformer_layer_kwargs(config, layer_idx, device, torch.get_default_dtype()))
+        _absent_biases_as_zeros(self, biases)
         self.layer_idx = layer_idx
+        self.attention_window = attention_window(config)
+        """HF's sliding window ``W`` or ``None``; HF's masks are read with it (TE's ``window_size``: ``(W - 1, 0)``)."""
         self.head_dim = head_dim(config)
         self.attention_dropout = float(config.attention_dropout)
         scale = softmax_scale(config)
         if abs(scale * head_dim(config) ** 0.5 - 1.0) > 1e-12:
             _set_softmax_scale(self.self_attention.core_attention, scale)
-        add_projection_sites(self, config)  # HF's self_attn.q_proj ... mlp.down_proj, for PEFT (adapters.py)
+        add_projection_sites(self, config, biases)  # HF's self_attn.q_proj ... mlp.down_proj, for PEFT (adapters.py)
 
     def forward(
         self,
@@ -144,7 +131,7 @@ class _LlamaLayerAdapter:
         if packed is not None:  # padded or packed rows, as TE's thd stream (packed.py)
             return forward_packed(self, hidden_states, packed, position_embeddings, adapters,
                                   kwargs.get("is_first_microbatch"))
-        mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0])
+        mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0], self.attention_window)
         if adapters:
             return forward_with_adapters(self, adapters, hidden_states, angles, mask.mask, mask.mask_type,
                                          kwargs.get("is_first_microbatch"))
@@ -187,7 +174,7 @@ def _build(backend: Backend) -> type:
         "TELlamaDecoderLayer",
         (_LlamaLayerAdapter, GradientCheckpointingLayer, base),
         {"__module__": __name__, "__qualname__": "TELlamaDecoderLayer", "backend": backend,
-         "__doc__": f"Llama decoder layer on {base.__module__}.{base.__qualname__}."},
+         "__doc__": f"Llama-family decoder layer on {base.__module__}.{base.__qualname__}."},
     )
 
 

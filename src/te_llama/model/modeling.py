@@ -1,7 +1,8 @@
-"""``TELlamaForCausalLM``: HF's ``LlamaForCausalLM`` whose decoder layers are ``TELlamaDecoderLayer``.
+"""``TELlamaForCausalLM`` (and ``TEMistralForCausalLM``, ``TEQwen2ForCausalLM``, ``TEQwen3ForCausalLM``): HF's causal
+LM of each family whose decoder layers are ``TELlamaDecoderLayer``; :class:`TECausalLM` is what they add to HF's.
 
 Embeddings, final norm, LM head, ``generate()`` and the ``Trainer`` interface stay HF's. Loading reads a
-local HF checkpoint directory straight into TE's parameters; saving writes the standard HF layout back.
+local HF checkpoint directory straight into TE's parameters; saving writes the family's standard HF layout back.
 Training forwards with labels compute the LM head and loss in chunks (:mod:`te_llama.model.lm_head_loss`).
 """
 
@@ -17,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (GenerationConfig, LlamaForCausalLM, MistralForCausalLM, PretrainedConfig, Qwen2ForCausalLM,
+                          Qwen3ForCausalLM)
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -28,9 +30,10 @@ from te_llama.training.cuda_graphs import CudaGraphError, GraphPeers, release_la
 from te_llama.training.distributed import several_processes
 from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.model.adapters import has_adapters
-from te_llama.model.decoder_stack import TELlamaModel
+from te_llama.model.decoder_stack import TEDecoderStack
+from te_llama.model.families import (LLAMA, MISTRAL, QWEN2, QWEN3, Family, UnsupportedConfigError, check_config,
+                                     family_for, supported_model_types)
 from te_llama.model.hf_arguments import loading_arguments
-from te_llama.model.layer import check_config
 from te_llama.model.lm_head_loss import linear_cross_entropy
 from te_llama.checkpoint.loading import copy_hf_tensor, load_hf_weights
 from te_llama.model.patching import replace_decoder_layer
@@ -67,8 +70,19 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def read_llama_config(directory: Path) -> LlamaConfig:
-    """``config.json`` of a local checkpoint as a ``LlamaConfig``, with errors that name the file."""
+def checkpoint_directory(path: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """The local checkpoint directory ``path`` (``/subfolder``), or a :class:`CheckpointError` that says what to do."""
+    directory = Path(path) / subfolder if subfolder else Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{path}: not a directory. te-llama loads local Hugging Face checkpoints; download one first "
+            "(for example `hf download ORG/MODEL --local-dir DIR`)."
+        )
+    return directory
+
+
+def checkpoint_family(directory: Path) -> Family:
+    """The family of a local checkpoint, from its ``config.json``, with errors that name the file."""
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
@@ -76,23 +90,40 @@ def read_llama_config(directory: Path) -> LlamaConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from error
-    if raw.get("model_type") != "llama":
+    try:
+        return family_for(raw.get("model_type"))
+    except UnsupportedConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+
+
+def read_config(directory: Path, family: Family | None = None) -> PretrainedConfig:
+    """``config.json`` of a local checkpoint as its family's config class (``LlamaConfig``, ...); ``family``: the one
+    it must be (:class:`CheckpointError` otherwise)."""
+    found = checkpoint_family(directory)
+    if family is not None and found is not family:
         raise CheckpointError(
-            f"{path}: model_type is {raw.get('model_type')!r}; te-llama loads Llama-architecture checkpoints "
-            "(model_type 'llama') only"
-        )
-    return LlamaConfig.from_pretrained(directory)
+            f"{directory / 'config.json'}: model_type is {found.model_type!r}, not {family.model_type!r}; load it "
+            f"with te_llama.AutoModelForCausalLM, which picks the family's class (model types "
+            f"{supported_model_types()})")
+    return found.config_class.from_pretrained(directory)
 
 
-class TELlamaForCausalLM(LlamaForCausalLM):
-    """A ``LlamaForCausalLM`` with Transformer Engine decoder layers (or the reference layer on CPU)."""
+class TECausalLM:
+    """What te-llama adds to a family's HF causal LM (``LlamaForCausalLM``, ``MistralForCausalLM``, ...): Transformer
+    Engine decoder layers (or the reference layer on CPU), checkpoints in and out, FP8, CUDA graphs, the chunked
+    LM-head loss. Each family's class puts it first among its bases, before HF's class, and names its ``te_family``."""
 
+    te_family: Family
     _no_split_modules = ["TELlamaDecoderLayer"]
-    model: TELlamaModel
+    model: TEDecoderStack
 
-    def __init__(self, config: LlamaConfig, backend: str | None = None, fp8: FP8Config | str | None = None):
+    def __init__(self, config: PretrainedConfig, backend: str | None = None, fp8: FP8Config | str | None = None):
         backend = resolve_backend(backend)
-        check_config(config)
+        if check_config(config) is not self.te_family:
+            raise UnsupportedConfigError(
+                f"model_type is {config.model_type!r}; {type(self).__name__} runs model_type "
+                f"{self.te_family.model_type!r}. te_llama.AutoModelForCausalLM builds each of "
+                f"{supported_model_types()} as its family's class")
         config = copy.deepcopy(config)
         hf_use_cache = config.use_cache
         # Plain forwards build no KV cache (training and scoring keep TE's fused layers); generate() asks for one
@@ -113,8 +144,8 @@ class TELlamaForCausalLM(LlamaForCausalLM):
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: LlamaConfig, *, torch_dtype=None, dtype=None, device=None,
-                    backend: str | None = None, fp8: FP8Config | str | None = None) -> TELlamaForCausalLM:
+    def from_config(cls, config: PretrainedConfig, *, torch_dtype=None, dtype=None, device=None,
+                    backend: str | None = None, fp8: FP8Config | str | None = None) -> TECausalLM:
         """A randomly initialised model (HF's init: normal(0, initializer_range) weights, unit norms)."""
         backend = resolve_backend(backend)
         dtype = resolve_dtype(dtype or torch_dtype or torch.float32)
@@ -124,8 +155,9 @@ class TELlamaForCausalLM(LlamaForCausalLM):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype=None, dtype=None, device=None,
                         backend: str | None = None, fp8: FP8Config | str | None = None,
-                        **hf_kwargs) -> TELlamaForCausalLM:
-        """Load a local HF Llama checkpoint (safetensors or ``.bin``, single or sharded) into TE layers.
+                        **hf_kwargs) -> TECausalLM:
+        """Load a local HF checkpoint of the class's family (safetensors or ``.bin``, single or sharded) into TE
+        layers.
 
         ``dtype``/``torch_dtype``: a torch dtype, a name (``"bfloat16"``) or ``"auto"`` (the checkpoint's).
         ``device``: where the model lives (default: CUDA for the TE backend, CPU for the reference).
@@ -133,20 +165,15 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         HF's loading arguments: see :func:`te_llama.model.hf_arguments.loading_arguments`.
         """
         device, subfolder = loading_arguments(hf_kwargs, device)
-        directory = Path(path) / subfolder if subfolder else Path(path)
-        if not directory.is_dir():
-            raise CheckpointError(
-                f"{path}: not a directory. te-llama loads local Hugging Face checkpoints; download one first "
-                "(for example `hf download ORG/MODEL --local-dir DIR`)."
-            )
-        config = read_llama_config(directory)
+        directory = checkpoint_directory(path, subfolder)
+        config = read_config(directory, cls.te_family)
         files = weight_files(directory)
         backend = resolve_backend(backend)
         dtype = resolve_dtype(dtype or torch_dtype, config)
         with default_dtype(dtype), torch.device(device or default_device(backend)), no_init_weights():
             model = cls(config, backend=backend)
         model.tie_weights()
-        load_hf_weights(model, directory, files)
+        load_hf_weights(model, directory, files, cls.te_family.weights)
         if (directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
         model.eval()
@@ -155,7 +182,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         return model
 
     # -------------------------------------------------------------------------------------------------- FP8
-    def enable_fp8(self, fp8: FP8Config | str = "auto") -> TELlamaForCausalLM:
+    def enable_fp8(self, fp8: FP8Config | str = "auto") -> TECausalLM:
         """Run the decoder layers under ``te.autocast`` with this recipe from now on (forward pass only).
 
         Training forwards always use FP8; ``model.eval()`` forwards (evaluation, ``generate()``) use BF16
@@ -178,12 +205,12 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         if resolve_recipe_name(config) == "delayed" and te_patches.install("swiglu_backward"):
             from te_llama.kernels.swiglu_backward import mark_recipe
 
-            mark_recipe(recipe, mlp_bias=bool(self.config.mlp_bias))
+            mark_recipe(recipe, mlp_bias=self.te_family.biases(self.config).mlp)
         self.model.te_settings.fp8_recipe, self.model.te_settings.fp8_config = recipe, config
         logger.info("FP8 training with recipe %s", describe(config))
         return self
 
-    def disable_fp8(self) -> TELlamaForCausalLM:
+    def disable_fp8(self) -> TECausalLM:
         self.model.te_settings.fp8_config, self.model.te_settings.fp8_recipe = None, None
         return self
 
@@ -215,7 +242,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
             te_patches.install("rowwise_weight_cache")  # cached weights keep their row-wise FP8 copy alone
         self.model.te_settings.cache_fp8_weights = bool(value)
 
-    def fp8_weights_changed(self) -> TELlamaForCausalLM:
+    def fp8_weights_changed(self) -> TECausalLM:
         """Cast the FP8 weights afresh at the next forward. Needed only after changing weights in ways neither an
         optimizer step nor the parameters' version counters see (writes through ``param.data``, raw pointers);
         see :mod:`te_llama.training.weight_cache`."""
@@ -227,15 +254,15 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         cache = self.model.te_settings.weight_cache
         return 0 if cache is None else cache.reuses
 
-    @functools.wraps(LlamaForCausalLM.forward)
     def forward(self, *args, **kwargs):
-        # FP8, CUDA graphs and the weight cache apply in the decoder stack's forward (TELlamaModel), whoever calls it.
+        # FP8, CUDA graphs and the weight cache apply in the decoder stack's forward (TEDecoderStack), whoever
+        # calls it.
         if self._chunked_loss_applies(args, kwargs):
             return self._forward_chunked_loss(**kwargs)
         return super().forward(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
-    def enable_cuda_graphs(self) -> TELlamaForCausalLM:
+    def enable_cuda_graphs(self) -> TECausalLM:
         """Replay the decoder layers as CUDA graphs in training steps of one fixed batch shape.
 
         The graphs are recorded at the next training forward without padding (a few eager steps' time), for
@@ -262,7 +289,7 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         settings.cuda_graphs = True
         return self
 
-    def disable_cuda_graphs(self) -> TELlamaForCausalLM:
+    def disable_cuda_graphs(self) -> TECausalLM:
         """Run the decoder layers eagerly again and free the graphs' memory."""
         release_layer_graphs(self.model.layers)
         self.model.te_settings.cuda_graphs = False
@@ -308,17 +335,18 @@ class TELlamaForCausalLM(LlamaForCausalLM):
         return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
 
     # ------------------------------------------------------------------------------------------------- saving
-    def hf_config(self) -> LlamaConfig:
-        """The config a plain ``LlamaForCausalLM`` should be saved with."""
+    def hf_config(self) -> PretrainedConfig:
+        """The config a plain HF model of the family (``LlamaForCausalLM``, ...) should be saved with."""
         config = copy.deepcopy(self.config)
-        config.architectures = ["LlamaForCausalLM"]
+        config.architectures = [self.te_family.name + "ForCausalLM"]
         config.use_cache = self._hf_use_cache
         config.dtype = self.dtype
         return config
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         max_shard_size: int | str = "5GB", is_main_process: bool = True, **kwargs) -> None:
-        """Write a standard HF Llama checkpoint (``LlamaForCausalLM``, HF names, no FP8 state), atomically."""
+        """Write a standard HF checkpoint of the family (``LlamaForCausalLM``, ..., HF names, no FP8 state),
+        atomically."""
         if kwargs.get("push_to_hub"):
             raise NotImplementedError("te-llama saves locally; push the saved directory with huggingface_hub")
         if not is_main_process:
@@ -328,35 +356,76 @@ class TELlamaForCausalLM(LlamaForCausalLM):
                 f"{save_directory}: the model carries PEFT adapters; save them with the PeftModel's "
                 "save_pretrained (a standard adapter directory), or merge them first with merge_and_unload()")
         state = state_dict if state_dict is not None else self.state_dict()
-        tensors = te_to_hf(state, tie_word_embeddings=bool(self.config.tie_word_embeddings))
+        tensors = te_to_hf(state, tie_word_embeddings=bool(self.config.tie_word_embeddings),
+                           table=self.te_family.weights)
         generation_config = copy.deepcopy(self.generation_config)
         generation_config.use_cache = self._hf_use_cache
         write_checkpoint(save_directory, tensors, self.hf_config(), generation_config, max_shard_size)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accepts te-llama names and also HF Llama names (a Trainer checkpoint, one shard of one), copying
+        """Accepts te-llama names and also the family's HF names (a Trainer checkpoint, one shard of one), copying
         HF tensors into TE's parameters the way :meth:`from_pretrained` does."""
-        hf_keys = {key for key in state_dict if _is_hf_name(key)}
+        table = self.te_family.weights
+        hf_keys = {key for key in state_dict if _is_hf_name(key, table)}
         if not hf_keys:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         params = dict(self.named_parameters())
         tied = bool(self.config.tie_word_embeddings)
         with torch.no_grad():
             for key in hf_keys:
-                copy_hf_tensor(params, key, state_dict[key], tied)
+                copy_hf_tensor(params, key, state_dict[key], tied, table)
         rest = {k: v for k, v in state_dict.items() if k not in hf_keys}
         result = super().load_state_dict(rest, strict=False, assign=assign)
         covered = hf_keys | set(rest)
         missing = [key for key in params if not all(name in covered or (tied and name == "lm_head.weight")
-                                                      for name in hf_names(key))]
+                                                      for name in hf_names(key, table))]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"state dict does not match: missing {missing}, unexpected {result.unexpected_keys}")
         return type(result)(missing, result.unexpected_keys)
 
 
-def _is_hf_name(key: str) -> bool:
+def _is_hf_name(key: str, table) -> bool:
     try:
-        target = hf_target(key)
+        target = hf_target(key, table)
     except KeyError:
         return False
     return target is not None and target[0] != key
+
+
+def _forward_of(hf_causal_lm: type):
+    """:meth:`TECausalLM.forward` under ``hf_causal_lm.forward``'s name, signature and docstring: the Trainer and PEFT
+    read the signature to know which batch columns the model takes."""
+
+    @functools.wraps(hf_causal_lm.forward)
+    def forward(self, *args, **kwargs):
+        return TECausalLM.forward(self, *args, **kwargs)
+
+    return forward
+
+
+class TELlamaForCausalLM(TECausalLM, LlamaForCausalLM):
+    """A ``LlamaForCausalLM`` with Transformer Engine decoder layers (or the reference layer on CPU)."""
+
+    te_family = LLAMA
+    forward = _forward_of(LlamaForCausalLM)
+
+
+class TEMistralForCausalLM(TECausalLM, MistralForCausalLM):
+    """A ``MistralForCausalLM`` with Transformer Engine decoder layers (sliding window: TE's ``window_size``)."""
+
+    te_family = MISTRAL
+    forward = _forward_of(MistralForCausalLM)
+
+
+class TEQwen2ForCausalLM(TECausalLM, Qwen2ForCausalLM):
+    """A ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5) with Transformer Engine decoder layers (q/k/v biases)."""
+
+    te_family = QWEN2
+    forward = _forward_of(Qwen2ForCausalLM)
+
+
+class TEQwen3ForCausalLM(TECausalLM, Qwen3ForCausalLM):
+    """A ``Qwen3ForCausalLM`` with Transformer Engine decoder layers (per-head q/k RMSNorm: TE's ``qk_norm_type``)."""
+
+    te_family = QWEN3
+    forward = _forward_of(Qwen3ForCausalLM)

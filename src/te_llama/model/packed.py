@@ -14,8 +14,9 @@ plain causal mask (the fastest path). Every other batch layout is turned into on
 Each sequence attends only to itself (TE's ``padding_causal`` mask on ``thd``) and its RoPE positions restart at
 0: attention scores depend only on the distance between tokens, so any positions that count up by one within a
 sequence give HF's result. The layer runs TE's modules one by one on the stream (``layernorm_qkv`` -> RoPE ->
-``DotProductAttention(qkv_format="thd")`` -> ``proj`` -> ``layernorm_mlp``) and writes the outputs back into the
-batch; padding positions keep their input. PEFT adapters apply as in the fused layer.
+``DotProductAttention(qkv_format="thd")`` -> ``proj`` -> ``layernorm_mlp``, with the family's q/k norm and sliding
+window) and writes the outputs back into the batch; padding positions keep their input. PEFT adapters apply as in
+the fused layer.
 
 Finding the sequences reads ``position_ids`` and the mask on the host once per forward (HF's own mask creation
 does the same); the layers of that forward share the result.
@@ -127,10 +128,13 @@ def forward_packed(layer: nn.Module, hidden_states: torch.Tensor, packed: Packed
     with attention_adapters(attention, adapters):
         q, k, v = qkv_module(x, is_first_microbatch=is_first_microbatch).split(sizes, dim=-1)
         q, k, v = q.reshape(tokens, -1, head), k.reshape(tokens, -1, head), v.reshape(tokens, -1, head)
+        if getattr(attention, "q_norm", None) is not None:  # Qwen3: te-llama sets qk_norm_before_rope=True
+            q, k = attention.q_norm(q), attention.k_norm(k)
         q, k = _rotary(layer, q, table, packed), _rotary(layer, k, table, packed)
         context = attention.core_attention(
             q, k, v, qkv_format="thd", attn_mask_type="padding_causal", cu_seqlens_q=packed.cu_seqlens,
-            cu_seqlens_kv=packed.cu_seqlens, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+            cu_seqlens_kv=packed.cu_seqlens, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen,
+            window_size=layer.window_size)  # Mistral's sliding window, within each sequence
         x = x + plus_bias(attention.proj(context.reshape(tokens, -1), is_first_microbatch=is_first_microbatch))
     if any(name in adapters for name in MLP_SITES):
         x = x + unfused_mlp(layer, x, adapters, is_first_microbatch)

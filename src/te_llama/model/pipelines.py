@@ -13,9 +13,12 @@ MODEL_TYPE = "te_llama"
 
 
 def register_text_generation_name(class_name: str) -> None:
-    """Make ``class_name`` one of the causal LMs the text-generation pipeline accepts (idempotent)."""
+    """Make ``class_name`` one of the causal LMs the text-generation pipeline accepts (idempotent). Each family's
+    class is one more name in a tuple, which the pipeline's check reads as several classes of one model type."""
     from transformers.models.auto.modeling_auto import CONFIG_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if MODEL_TYPE in CONFIG_MAPPING_NAMES:  # a real model type of that name: leave transformers' tables alone
         return
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(MODEL_TYPE, class_name)
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(MODEL_TYPE, ())
+    if class_name not in names:
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[MODEL_TYPE] = (*names, class_name)

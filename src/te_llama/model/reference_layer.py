@@ -1,9 +1,9 @@
 """A pure-PyTorch implementation of the part of ``transformer_engine.pytorch.TransformerLayer`` te-llama uses.
 
 Same constructor arguments, module tree, parameter names and shapes as TE, and the same math:
-RMSNorm -> Q/K/V -> RoPE -> (grouped-query) attention with TE's mask types -> proj -> residual ->
-RMSNorm -> fc1 (gate first) -> SwiGLU -> fc2 -> residual. It lets te-llama run and be tested on machines
-without a GPU, and serves as the oracle in GPU parity tests. It is not a speed path.
+RMSNorm -> Q/K/V -> (per-head q/k RMSNorm) -> RoPE -> (grouped-query) attention with TE's mask types and sliding
+window -> proj -> residual -> RMSNorm -> fc1 (gate first) -> SwiGLU -> fc2 -> residual. It lets te-llama run and be
+tested on machines without a GPU, and serves as the oracle in GPU parity tests. It is not a speed path.
 """
 
 from __future__ import annotations
@@ -93,6 +93,19 @@ class LayerNormLinear(_Parameters):
         return torch.cat(outputs, dim=-1)
 
 
+class RMSNorm(_Parameters):
+    """TE's ``RMSNorm`` module over the last dimension (``weight``), as ``MultiheadAttention`` builds it for
+    ``qk_norm_type="RMSNorm"``: one per q and k, normalising each head over ``kv_channels``."""
+
+    def __init__(self, normalized_shape: int, eps: float, device, dtype):
+        super().__init__()
+        self.eps = eps
+        self._add("weight", (normalized_shape,), nn.init.ones_, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, self.weight, self.eps)
+
+
 class Linear(_Parameters):
     def __init__(self, in_features, out_features, bias, init_method, device, dtype):
         super().__init__()
@@ -118,10 +131,11 @@ class DotProductAttention(nn.Module):
 
     def forward(self, query_layer, key_layer, value_layer, attention_mask=None, qkv_format: str = "bshd",
                 cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None,
-                attn_mask_type: str = "causal") -> torch.Tensor:
+                attn_mask_type: str = "causal", window_size: tuple[int, int] | None = None) -> torch.Tensor:
         """TE's call: ``bshd`` tensors ``[b, s, heads, d]`` with a mask type, or packed ``thd`` tensors
         ``[tokens, heads, d]`` whose sequences ``cu_seqlens_q`` delimits (``padding_causal``: causal within each
-        sequence, nothing across). Returns ``[b, s, heads * d]`` or ``[tokens, heads * d]``."""
+        sequence, nothing across). ``window_size``: TE's sliding window. Returns ``[b, s, heads * d]`` or
+        ``[tokens, heads * d]``."""
         if qkv_format == "thd":
             if attn_mask_type != "padding_causal" or cu_seqlens_kv is not None and not torch.equal(cu_seqlens_q,
                                                                                                   cu_seqlens_kv):
@@ -130,19 +144,22 @@ class DotProductAttention(nn.Module):
             sequence = torch.arange(len(cu_seqlens_q) - 1, device=query_layer.device).repeat_interleave(
                 cu_seqlens_q.diff().long(), output_size=tokens)
             same = sequence[:, None] == sequence[None, :]
+            # Tokens of one sequence are consecutive, so their distance in the stream is their distance in it.
             allowed = same & torch.ones(tokens, tokens, dtype=torch.bool, device=same.device).tril()
+            allowed &= sliding_window(tokens, window_size, same.device)
             q, k, v = (t.unsqueeze(0) for t in (query_layer, key_layer, value_layer))
             return self._attend(q, k, v, allowed)[0]
         q, k, v = query_layer, key_layer, value_layer
         seq = q.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        window = sliding_window(seq, window_size, q.device)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril() & window
         if attn_mask_type == "causal":
             allowed = causal
         elif attn_mask_type == "padding_causal":
             allowed = causal & ~attention_mask
             allowed = allowed | (torch.eye(seq, dtype=torch.bool, device=q.device) & ~allowed.any(-1, keepdim=True))
-        elif attn_mask_type == "arbitrary":
-            allowed = ~attention_mask
+        elif attn_mask_type == "arbitrary":  # TE adds the window's masked keys to the mask (get_full_mask)
+            allowed = ~attention_mask & window
         else:
             raise ValueError(f"reference attention does not implement mask type {attn_mask_type!r}")
         return self._attend(q, k, v, allowed)
@@ -157,19 +174,42 @@ class DotProductAttention(nn.Module):
         return out.transpose(1, 2).flatten(2)
 
 
+def sliding_window(seq: int, window_size: tuple[int, int] | None, device) -> torch.Tensor:
+    """``[seq, seq]`` boolean, ``True`` where query ``i`` may see key ``j``: TE's ``window_size=(left, right)`` is
+    ``i - left <= j <= i + right``, ``-1`` (or no window) unbounded."""
+    allowed = torch.ones(seq, seq, dtype=torch.bool, device=device)
+    if window_size is None:
+        return allowed
+    left, right = window_size
+    distance = torch.arange(seq, device=device)[:, None] - torch.arange(seq, device=device)[None, :]  # i - j
+    if left >= 0:
+        allowed &= distance <= left
+    if right >= 0:
+        allowed &= -distance <= right
+    return allowed
+
+
 class MultiheadAttention(nn.Module):
     def __init__(self, hidden_size, num_heads, num_gqa_groups, kv_channels, eps, bias, dropout, init, out_init,
-                 device, dtype):
+                 device, dtype, qk_norm_type=None, qk_norm_eps=1e-6, qk_norm_before_rope=False):
         super().__init__()
         self.num_heads, self.num_gqa_groups, self.kv_channels = num_heads, num_gqa_groups, kv_channels
         splits = [("query", num_heads * kv_channels), ("key", num_gqa_groups * kv_channels),
                   ("value", num_gqa_groups * kv_channels)]
         self.layernorm_qkv = LayerNormLinear(hidden_size, splits, eps, bias, init, device, dtype)
+        if qk_norm_type not in (None, "RMSNorm"):
+            raise ValueError(f"reference MultiheadAttention implements qk_norm_type None or 'RMSNorm', got "
+                             f"{qk_norm_type!r}")
+        self.qk_norm_before_rope = qk_norm_before_rope
+        self.q_norm = self.k_norm = None
+        if qk_norm_type == "RMSNorm":
+            self.q_norm = RMSNorm(kv_channels, qk_norm_eps, device, dtype)
+            self.k_norm = RMSNorm(kv_channels, qk_norm_eps, device, dtype)
         self.core_attention = DotProductAttention(num_heads, num_gqa_groups, kv_channels, dropout)
         self.proj = Linear(num_heads * kv_channels, hidden_size, bias, out_init, device, dtype)
 
-    def forward(self, hidden_states, attention_mask=None, attn_mask_type="causal", rotary_pos_emb=None,
-                is_first_microbatch=None):
+    def forward(self, hidden_states, attention_mask=None, attn_mask_type="causal", window_size=None,
+                rotary_pos_emb=None, is_first_microbatch=None):
         """TE's call and result: ``(output, bias)``; the bias is already in the output here, so it is ``None``."""
         x = hidden_states
         b, s, _ = x.shape
@@ -178,9 +218,14 @@ class MultiheadAttention(nn.Module):
         q = q.view(b, s, self.num_heads, self.kv_channels)
         k = k.view(b, s, self.num_gqa_groups, self.kv_channels)
         v = v.view(b, s, self.num_gqa_groups, self.kv_channels)
+        if self.q_norm is not None and self.qk_norm_before_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary_pos_emb is not None:
             q, k = apply_rotary(q, rotary_pos_emb), apply_rotary(k, rotary_pos_emb)
-        context = self.core_attention(q, k, v, attention_mask=attention_mask, attn_mask_type=attn_mask_type)
+        if self.q_norm is not None and not self.qk_norm_before_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        context = self.core_attention(q, k, v, attention_mask=attention_mask, attn_mask_type=attn_mask_type,
+                                      window_size=window_size)
         return self.proj(context), None
 
 
@@ -233,6 +278,10 @@ class TransformerLayer(nn.Module):
         device: torch.device | str = "cpu",
         attn_input_format: str = "sbhd",
         fuse_qkv_params: bool = False,
+        window_size: tuple[int, int] | None = None,
+        qk_norm_type: str | None = None,
+        qk_norm_eps: float = 1e-6,
+        qk_norm_before_rope: bool = False,
         **unsupported,
     ) -> None:
         super().__init__()
@@ -250,10 +299,11 @@ class TransformerLayer(nn.Module):
         out_init = output_layer_init_method or _normal(0.023)
         self.layer_number = layer_number
         self.self_attn_mask_type = self_attn_mask_type
+        self.window_size = window_size
         self.hidden_dropout = hidden_dropout
         self.self_attention = MultiheadAttention(hidden_size, num_attention_heads, num_gqa_groups, kv_channels,
                                                  layernorm_epsilon, bias, attention_dropout, init, out_init,
-                                                 device, dtype)
+                                                 device, dtype, qk_norm_type, qk_norm_eps, qk_norm_before_rope)
         self.layernorm_mlp = LayerNormMLP(hidden_size, ffn_hidden_size, layernorm_epsilon, bias, init, out_init,
                                           device, dtype)
 
@@ -271,7 +321,7 @@ class TransformerLayer(nn.Module):
             raise NotImplementedError("the reference TransformerLayer has no KV cache (inference_params)")
         mask_type = self_attn_mask_type or self.self_attn_mask_type
         attention, _ = self.self_attention(hidden_states, attention_mask=attention_mask, attn_mask_type=mask_type,
-                                           rotary_pos_emb=rotary_pos_emb)
+                                           window_size=self.window_size, rotary_pos_emb=rotary_pos_emb)
         hidden_states = hidden_states + F.dropout(attention, self.hidden_dropout, self.training)
         mlp = self.layernorm_mlp(hidden_states)
         return hidden_states + F.dropout(mlp, self.hidden_dropout, self.training)

@@ -91,19 +91,20 @@ class RotaryAngles:
     def __init__(self, inv_freq: torch.Tensor, position_ids: torch.Tensor):
         self.inv_freq = inv_freq
         self.position_ids = position_ids
-        self._memo: tuple[object, TEMask, torch.Tensor] | None = None
+        self._memo: tuple[object, int | None, TEMask, torch.Tensor] | None = None
         self._from_zero: torch.Tensor | None = None
 
-    def te_inputs(self, attention_mask: torch.Tensor | None, batch: int) -> tuple[TEMask, torch.Tensor]:
-        """(TE mask, angle table ``[seq, 1, 1, head_dim]`` float32) for this forward's HF attention mask."""
-        if self._memo is not None and self._memo[0] is attention_mask:
-            return self._memo[1], self._memo[2]
+    def te_inputs(self, attention_mask: torch.Tensor | None, batch: int,
+                  window: int | None = None) -> tuple[TEMask, torch.Tensor]:
+        """(TE mask, angle table ``[seq, 1, 1, head_dim]`` float32) for this forward's HF attention mask, made by
+        HF for layers with sliding window ``window`` (or full causal attention)."""
+        if self._memo is not None and self._memo[0] is attention_mask and self._memo[1] == window:
+            return self._memo[2], self._memo[3]
         seq = self.position_ids.shape[-1]
-        mask = te_mask_from_hf(attention_mask, batch, seq)
+        mask = te_mask_from_hf(attention_mask, batch, seq, window)
         angles = angle_table(shared_positions(self.position_ids, mask.valid_tokens), self.inv_freq)
-        self._memo = (attention_mask, mask, angles)
+        self._memo = (attention_mask, window, mask, angles)
         return mask, angles
-
 
     def angle_table_from_zero(self, length: int) -> torch.Tensor:
         """The angle table of positions ``0 .. length - 1`` (packed sequences restart there), computed once per
@@ -114,7 +115,10 @@ class RotaryAngles:
 
 
 class TERotaryEmbedding(LlamaRotaryEmbedding):
-    """HF's Llama rotary module (same buffers, same dynamic updates) that returns :class:`RotaryAngles`."""
+    """HF's Llama rotary module (same buffers, same dynamic updates) that returns :class:`RotaryAngles`.
+
+    It serves every family: Mistral's, Qwen2's and Qwen3's rotary modules are transformers' copies of Llama's code
+    (its "modular" files), the same inverse frequencies and updates."""
 
     @torch.no_grad()
     @dynamic_rope_update
