@@ -42,13 +42,26 @@ def test_cached_decoding_agrees_with_the_fused_layer_and_hf(pair, record):
 
 
 def test_greedy_tokens_follow_hf_for_a_prefix(pair, record):
+    """Greedy tokens equal HF's until a step where HF itself is within BF16 rounding of a tie (random weights make
+    near-ties common): there, HF's logits for its token and for te-llama's differ by a hair of their spread."""
     hf, te = pair
     ids = small_llama.batch(2, size=4, seq=32)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    expected, actual = hf.generate(ids, **kwargs)[:, 32:], te.generate(ids, **kwargs)[:, 32:]
-    same = [int((row_a != row_e).nonzero()[0]) if (row_a != row_e).any() else 24 for row_a, row_e in
-            zip(actual, expected)]
-    record(test="greedy_prefix_bf16", equal_prefix_per_row=same)
-    assert min(same) >= 8  # BF16 rounding differs between TE's kernels and HF's; the first tokens must agree
+    expected, actual = hf.generate(ids, **kwargs), te.generate(ids, **kwargs)
+    same, margins = [], []
+    for row in range(ids.shape[0]):
+        differ = (actual[row, 32:] != expected[row, 32:]).nonzero()
+        if not len(differ):
+            same.append(24)
+            continue
+        step = 32 + int(differ[0])
+        same.append(step - 32)
+        prefix_mask = torch.cat([mask[row:row + 1], mask.new_ones(1, step - 32)], dim=1)
+        with torch.no_grad():
+            logits = hf(expected[row:row + 1, :step], attention_mask=prefix_mask).logits[0, -1].float()
+        margin = (logits[expected[row, step]] - logits[actual[row, step]]).item()
+        margins.append(margin / (logits.max() - logits.min()).item())
+    record(test="greedy_prefix_bf16", equal_prefix_per_row=same, tie_margins=margins)
+    assert all(margin < 2e-2 for margin in margins)

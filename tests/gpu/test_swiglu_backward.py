@@ -29,8 +29,8 @@ def te_path(grad, act_in, q):
 
 
 def fused_without_bias(grad, act_in, q):
-    fc1_bias = None  # noqa: F841  (what TE's backward holds for a bias-free MLP; the hook reads it)
-    return swiglu_backward.dswiglu_quantize(grad, act_in, q)
+    # A bias-free MLP's recipe is marked bias_grad=False (swiglu_backward.mark_recipe): no bias gradient is made.
+    return swiglu_backward.dswiglu_quantize(grad, act_in, q, bias_grad=False)
 
 
 def bits(tensor):
