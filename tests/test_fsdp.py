@@ -1,10 +1,11 @@
-"""FSDP2 on the CPU (reference layer, gloo): two sharded processes train as one process on the whole batch in a plain
-loop (``tests/fsdp_train.py``); sharded checkpoints resume the same loss curve; the export is a plain HF checkpoint of
-the trained weights; what FSDP2 cannot run is refused by name."""
+"""FSDP2 on the CPU (reference layer, gloo): two sharded processes train as one process on the whole batch, in a plain
+loop (``tests/fsdp_train.py``) and in ``te-llama finetune --fsdp``; sharded checkpoints resume the same loss curve;
+the export is a plain HF checkpoint of the trained weights; what FSDP2 cannot run is refused by name."""
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,11 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fsdp_train
-from conftest import relative_error, tiny_config
+from conftest import random_hf_model, relative_error, tiny_config
 from te_llama import CheckpointError, CudaGraphError, TELlamaForCausalLM
-from te_llama.training.fp8_state import FP8_STATE_FILE
+from te_llama.cli import main
+from te_llama.commands.assets import english_text, smollm2_checkpoint
+from te_llama.training.fp8_state import COMPLETE_MARKER, FP8_STATE_FILE
 from te_llama.training.fsdp import FSDPError, load_sharded, reshard, save_sharded, shard_model
 
 TESTS = Path(__file__).resolve().parent
@@ -33,16 +36,59 @@ def launch(*command, timeout=240) -> str:
     return result.stdout
 
 
-# --------------------------------------------------------------------------------------------------- a plain loop
+# ------------------------------------------------- two processes: a plain loop and te-llama finetune --fsdp
 @pytest.fixture(scope="module")
-def plain_loop(tmp_path_factory):
-    """``tests/fsdp_train.py`` sharded over two processes, and unsharded in this one on the whole batch."""
-    sharded, unsharded = tmp_path_factory.mktemp("sharded"), tmp_path_factory.mktemp("unsharded")
-    launch(str(TESTS / "fsdp_train.py"), "--out", str(sharded))
-    fsdp_train.main(["--unsharded", "--out", str(unsharded)])
-    return sharded, unsharded
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer random Llama with tied embeddings and SmolLM2's tokenizer; and a text file."""
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    random_hf_model(tiny_config(vocab_size=49152, tie_word_embeddings=True, eos_token_id=2)).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2_checkpoint() / name, directory / name)
+    text = directory.parent / "news.txt"
+    text.write_text("\n\n".join(english_text().splitlines()[:40]))
+    return directory, text
 
 
+def finetune_args(tiny_checkpoint, out, *extra):
+    model, text = tiny_checkpoint
+    return ["finetune", "--model", str(model), "--data", str(text), "--output", str(out), "--seq-len", "64",
+            "--batch-tokens", "128", "--max-eval-blocks", "2", "--max-steps", "4", "--save-every", "2",
+            "--sample-tokens", "4", "--eval-every", "4", *extra]
+
+
+def losses(out) -> dict[int, float]:
+    summary = json.loads((out / "summary.json").read_text())
+    return {row["step"]: row["loss"] for row in summary["log_history"] if "loss" in row}
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_checkpoint, tmp_path_factory):
+    """One launch of two processes (``tests/fsdp_cpu_launch.py``): the sharded plain loop, then ``te-llama finetune
+    --fsdp --gradient-checkpointing`` (accelerate's FSDP2 under the Trainer); then both unsharded in this process."""
+    root = tmp_path_factory.mktemp("fsdp")
+    printed = launch(str(TESTS / "fsdp_cpu_launch.py"), "--plain-loop", str(root / "sharded"),
+                     *finetune_args(tiny_checkpoint, root / "fsdp", "--fsdp", "--gradient-checkpointing"))
+    (root / "printed.txt").write_text(printed)
+    fsdp_train.main(["--unsharded", "--out", str(root / "unsharded")])
+    with pytest.MonkeyPatch.context() as patch:  # conftest's backend switch is per test; this fixture is not
+        patch.setenv("TE_LLAMA_BACKEND", "reference")
+        assert main(finetune_args(tiny_checkpoint, root / "one")) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def plain_loop(launched):
+    """``tests/fsdp_train.py`` sharded over two processes, and unsharded in this one on whole batches."""
+    return launched / "sharded", launched / "unsharded"
+
+
+@pytest.fixture(scope="module")
+def finetuned(launched):
+    """``te-llama finetune --fsdp`` in two processes, and without FSDP in this one; what the first process printed."""
+    return launched, (launched / "printed.txt").read_text()
+
+
+# --------------------------------------------------------------------------------------------------- a plain loop
 def results(directory):
     return (json.loads((directory / "result.json").read_text()), torch.load(directory / "first_grads.pt"),
             torch.load(directory / "weights.pt"))
@@ -80,6 +126,64 @@ def test_the_export_is_a_plain_hf_checkpoint_of_the_trained_weights(plain_loop):
         assert relative_error(hf(ids).logits, trained(ids).logits) < FP32
 
 
+# ------------------------------------------------------------------------------------- te-llama finetune --fsdp
+def test_finetune_fsdp_trains_as_one_process(finetuned):
+    root, printed = finetuned
+    summary = json.loads((root / "fsdp" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4 and summary["device"] == "2 x CPU (FSDP2)"
+    assert summary["ddp"] is None and summary["fsdp"] == {"parameters": "float32", "compute": "float32",
+                                                          "gradient_reduction": "float32"}
+    for line in ("FSDP2: weights, gradients and optimizer state sharded over 2 processes", "saved HF checkpoint",
+                 "summary:"):
+        assert printed.count(line) == 1, line  # the first process prints
+    sharded, one = losses(root / "fsdp"), losses(root / "one")
+    assert list(sharded) == [1, 2, 3, 4] and all(abs(sharded[s] - one[s]) <= FP32 * one[s] for s in one)
+    checkpoint = root / "fsdp" / "checkpoints" / "checkpoint-2"
+    files = {path.name for path in checkpoint.iterdir()}
+    assert {"pytorch_model_fsdp_0", "optimizer_0", FP8_STATE_FILE, COMPLETE_MARKER} <= files  # DCP shards
+    assert {path.name for path in (checkpoint / "pytorch_model_fsdp_0").iterdir()} >= {"__0_0.distcp", "__1_0.distcp"}
+
+
+def test_finetune_fsdp_resumes_the_same_loss_curve_and_exports_the_trained_weights(finetuned, tiny_checkpoint):
+    root, _ = finetuned
+    resumed = root / "resumed"
+    shutil.copytree(root / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")
+    launch(str(TESTS / "fsdp_cpu_launch.py"),
+           *finetune_args(tiny_checkpoint, resumed, "--fsdp", "--gradient-checkpointing", "--resume"))
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
+    first, again = losses(root / "fsdp"), losses(resumed)
+    assert all(abs(again[step] - first[step]) <= FP32 * first[step] for step in (3, 4)), (first, again)
+    # The exports of both runs are plain HF checkpoints with the same weights, and those are the last checkpoint's.
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = LlamaForCausalLM.from_pretrained(root / "fsdp", dtype=torch.float32).eval()(ids).logits
+        exported_again = LlamaForCausalLM.from_pretrained(resumed, dtype=torch.float32).eval()(ids).logits
+        last = dcp_model(root / "fsdp" / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp_0", tiny_checkpoint)
+        assert relative_error(exported_again, exported) < FP32
+        assert relative_error(exported, last(ids).logits) < FP32
+
+
+def dcp_model(directory, tiny_checkpoint) -> TELlamaForCausalLM:
+    """The te-llama model with the weights of a DCP checkpoint, read in this one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = directory.parent / "model.pt"
+    dcp_to_torch_save(directory, path)
+    model = TELlamaForCausalLM.from_pretrained(tiny_checkpoint[0], dtype=torch.float32)
+    model.load_state_dict(torch.load(path)["model"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--fsdp",), "--fsdp shards the model over several processes: launch with torchrun"),
+    (("--fsdp", "--lora", "8"), "drop --fsdp (DDP) for --lora"),
+    (("--fsdp", "--cuda-graphs", "--attend-across-documents"), "--cuda-graphs cannot be combined with --fsdp"),
+])
+def test_finetune_fsdp_options_are_checked_before_output_is_touched(tiny_checkpoint, tmp_path, capsys, extra, message):
+    assert main(finetune_args(tiny_checkpoint, tmp_path / "out", *extra)) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 # ----------------------------------------------------------------------- one process, sharded (world size 1)
 @pytest.fixture
 def process_group(tmp_path):
