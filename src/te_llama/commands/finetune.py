@@ -79,7 +79,7 @@ class FinetuneConfig:
     eval_every: int | None = None
     save_every: int | None = None
     gradient_checkpointing: bool = False
-    fsdp: bool = False  # shard weights, gradients and optimizer state over the torchrun processes (FSDP2) instead of DDP
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP
     cuda_graphs: bool = False  # replay the decoder layers as CUDA graphs (GPU; needs across_documents)
     across_documents: bool = False  # plain blocks whose tokens attend across document boundaries (as CUDA graphs
     # need); by default each document attends only to itself, trained padding-free

@@ -15,9 +15,9 @@ process writes its shards of the weights and the optimizer state) with TE's FP8 
 (:mod:`te_llama.training.fp8_state`); under the HF Trainer, accelerate writes the same DCP format and
 :class:`~te_llama.training.fp8_state.FP8StateCallback` the FP8 state. A sharded model's state dict leaves out TE's
 ``_extra_state``: TE pickles the FP8 scaling state into a byte tensor whose size changes once FP8 has run, which DCP
-cannot load into a fresh model (TransformerEngine issue 1860), and whose pickle TE refuses to load from files it did
-not write itself. ``TELlamaForCausalLM.save_pretrained`` on a sharded model gathers the full weights to the first
-process, which writes the plain HF checkpoint (:func:`gathered_state_dict`). See ``docs/multi-gpu.md``.
+cannot load into a fresh model (TransformerEngine issue 1860; TE's own FSDP2 checkpoint tests leave it out too).
+``TELlamaForCausalLM.save_pretrained`` on a sharded model gathers the full weights to the first process, which
+writes the plain HF checkpoint (:func:`gathered_state_dict`). See ``docs/multi-gpu.md``.
 """
 
 from __future__ import annotations
