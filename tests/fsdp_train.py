@@ -26,19 +26,15 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(Path(__file__).resolve().parent / "gpu"))  # after tests/, whose conftest is the CPU tests'
 
+import small_llama  # noqa: E402
+from conftest import BASE  # noqa: E402
 from te_llama import TELlamaForCausalLM  # noqa: E402
 from te_llama.training.fp8_state import fp8_state  # noqa: E402
 from te_llama.training.fsdp import load_sharded, save_sharded, shard_model  # noqa: E402
 
-MODELS = {
-    "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0),
-    "small": dict(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024),
-}
+MODELS = {"tiny": BASE, "small": small_llama.CONFIG}  # the CPU tests' and the GPU tests' configs
 BATCHES = {"tiny": (4, 16), "small": (8, 256)}  # global batch: rows, tokens per row
 
 
@@ -46,7 +42,7 @@ def build(args) -> TELlamaForCausalLM:
     """The seeded model, the same in every process."""
     on_gpu = args.model == "small"
     torch.manual_seed(0)
-    config = LlamaConfig(**MODELS[args.model], tie_word_embeddings=args.tied)
+    config = LlamaConfig(**{**MODELS[args.model], "tie_word_embeddings": args.tied})
     model = TELlamaForCausalLM.from_config(
         config, dtype=getattr(torch, args.dtype), device="cuda" if on_gpu else "cpu",
         backend="te" if on_gpu else "reference", fp8=None if args.fp8 == "off" else args.fp8).train()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import fsdp_train
 from conftest import random_hf_model, relative_error, tiny_config
@@ -119,7 +119,7 @@ def test_the_export_is_a_plain_hf_checkpoint_of_the_trained_weights(plain_loop):
     sharded, unsharded = plain_loop
     hf = LlamaForCausalLM.from_pretrained(sharded / "hf", dtype=torch.float32).eval()
     assert hf.config.architectures == ["LlamaForCausalLM"]
-    trained = TELlamaForCausalLM.from_config(LlamaConfig(**fsdp_train.MODELS["tiny"]), backend="reference").eval()
+    trained = TELlamaForCausalLM.from_config(tiny_config(), backend="reference").eval()
     trained.load_state_dict(torch.load(unsharded / "weights.pt"))  # the one-process run's final weights
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_finetune_fsdp_trains_as_one_process(finetuned):
     for line in ("FSDP2: weights, gradients and optimizer state sharded over 2 processes", "saved HF checkpoint",
                  "summary:"):
         assert printed.count(line) == 1, line  # the first process prints
-    sharded, one = losses(root / "fsdp"), losses(root / "one")
+    sharded, one = losses(root / "fsdp"), losses(root / "one")  # tied embeddings, gradient checkpointing
     assert list(sharded) == [1, 2, 3, 4] and all(abs(sharded[s] - one[s]) <= FP32 * one[s] for s in one)
     checkpoint = root / "fsdp" / "checkpoints" / "checkpoint-2"
     files = {path.name for path in checkpoint.iterdir()}
@@ -184,6 +184,8 @@ def dcp_model(directory, tiny_checkpoint) -> TELlamaForCausalLM:
 def test_finetune_fsdp_options_are_checked_before_output_is_touched(tiny_checkpoint, tmp_path, capsys, extra, message):
     assert main(finetune_args(tiny_checkpoint, tmp_path / "out", *extra)) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------- one process, sharded (world size 1)
 @pytest.fixture
 def process_group(tmp_path):
@@ -226,8 +228,7 @@ def test_tied_embeddings_stay_one_parameter_of_the_root_unit(process_group):
 
 def test_a_checkpoint_of_two_processes_resumes_in_one(plain_loop, process_group):
     sharded, _ = plain_loop
-    model = shard_model(TELlamaForCausalLM.from_config(LlamaConfig(**fsdp_train.MODELS["tiny"]),
-                                                       backend="reference").train())
+    model = shard_model(TELlamaForCausalLM.from_config(tiny_config(), backend="reference").train())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     load_sharded(model, optimizer, sharded / "checkpoint")  # DCP reshards the two processes' shards into one
     ids = fsdp_train.batch(argparse.Namespace(model="tiny"), rank=0, world=1)  # the whole batch it learns
