@@ -110,8 +110,8 @@ def _check_shardable(model) -> None:
     if is_sharded(model):
         raise FSDPError("the model is already sharded with FSDP2 (shard_model or accelerate's FSDP); shard it once")
     if not isinstance(model, TELlamaForCausalLM):
-        raise FSDPError(f"shard_model shards a te_llama.TELlamaForCausalLM, got {type(model).__name__}; shard the "
-                        "te-llama model before wrapping it (PEFT adapters do not run under FSDP2 here)")
+        raise FSDPError(f"shard_model shards a te_llama.TELlamaForCausalLM, got {type(model).__name__}; pass the "
+                        "te-llama model itself (te-llama does not run PEFT adapters under FSDP2)")
     if model.cuda_graphs:
         raise CudaGraphError("enable_cuda_graphs() cannot be combined with FSDP2: the graphs replay the layers with "
                              "the weights' addresses at recording, which FSDP gathers into new memory every step, "
