@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     tune.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
     tune.add_argument("--gradient-checkpointing", action="store_true")
+    tune.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
+                      "state over the processes (FSDP2) instead of a whole copy in each (DDP), for models that do not "
+                      "fit one GPU; not with --lora or --cuda-graphs")
     tune.add_argument("--cuda-graphs", action="store_true", help="replay the decoder layers as CUDA graphs (GPU, "
                       "Transformer Engine): faster steps for small models; not with --gradient-checkpointing")
     tune.add_argument("--attend-across-documents", dest="across_documents", action="store_true",
@@ -199,13 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     from te_llama.bench.suite import BenchmarkArgumentError
     from te_llama.commands.finetune import FinetuneError, OutOfMemoryAdvice
     from te_llama.commands.lora import LoraOptionError
+    from te_llama.training.fsdp import FSDPError
 
     try:
         return args.run(args)
     except OutOfMemoryAdvice as error:
         print(f"te-llama {args.command}: out of GPU memory: {error}", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
-    except (*EXPECTED_ERRORS, BenchmarkArgumentError, FinetuneError, LoraOptionError) as error:
+    except (*EXPECTED_ERRORS, BenchmarkArgumentError, FinetuneError, FSDPError, LoraOptionError) as error:
         print(f"te-llama {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,29 @@ def record():
         print(json.dumps(row))
 
     return add
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the README (no hub, no GGUF here)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    tokenizer.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory = tmp_path / "model"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    return directory
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 import small_llama
 from te_llama.training.distributed import DataParallelError
@@ -91,28 +91,6 @@ def test_data_parallel_is_refused_with_advice():
     ids = small_llama.batch(0)
     with pytest.raises(DataParallelError, match="torchrun --nproc_per_node N"):
         torch.nn.DataParallel(model)(input_ids=ids, labels=ids)
-
-
-@pytest.fixture
-def small_checkpoint(tmp_path):
-    """A random 2-layer Llama with a byte-level BPE tokenizer trained on the README (no hub, no GGUF here)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    text = (ROOT / "README.md").read_text()
-    tokenizer.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    directory = tmp_path / "model"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])

@@ -9,8 +9,9 @@ with a checkpoint, and leaves an HF checkpoint, a loss-curve PNG, a sample reply
 ``--output``. With ``--lora RANK`` it trains PEFT LoRA adapters on the frozen base instead (:mod:`te_llama.commands.lora`)
 and ``--output`` is a standard PEFT adapter directory, with the merged HF checkpoint in ``merged/`` on
 ``--merge-lora``. Under ``torchrun --nproc_per_node N`` it trains on N GPUs with DDP
-(:mod:`te_llama.training.distributed`): ``--batch-tokens`` stays the tokens of one optimizer step, shared by the processes,
-and the first process prints and writes.
+(:mod:`te_llama.training.distributed`), or with ``--fsdp`` sharded over them with FSDP2 (:mod:`te_llama.training.fsdp`):
+``--batch-tokens`` stays the tokens of one optimizer step, shared by the processes, and the first process prints
+and writes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from te_llama.commands.data import Example, read_examples, split_blocks, tokeniz
 from te_llama.training.distributed import ddp_options_of, start_processes, use_ddp_options, wait_for_everyone
 from te_llama.commands.evaluate import perplexity
 from te_llama.training.fp8 import describe, parse_fp8
+from te_llama.training.fsdp import default_mp_policy, reshard, shard_model
 from te_llama.commands.generate import generate_text
 from te_llama.commands.lora import add_lora, describe_lora, lora_settings, lora_summary, save_lora
 from te_llama.model.auto import AutoModelForCausalLM
@@ -79,6 +81,7 @@ class FinetuneConfig:
     eval_every: int | None = None
     save_every: int | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP
     cuda_graphs: bool = False  # replay the decoder layers as CUDA graphs (GPU; needs across_documents)
     across_documents: bool = False  # plain blocks whose tokens attend across document boundaries (as CUDA graphs
     # need); by default each document attends only to itself, trained padding-free
@@ -108,6 +111,15 @@ def _defaults(config: FinetuneConfig, on_gpu: bool, processes: int = 1) -> Finet
         raise FinetuneError("--cuda-graphs records fixed-length blocks, but by default each document attends only to "
                             "itself, a layout that changes every step (run padding-free, without graphs); add "
                             "--attend-across-documents for plain blocks, or drop --cuda-graphs")
+    if config.fsdp and config.lora:
+        raise FinetuneError("--fsdp cannot shard a model carrying LoRA adapters; LoRA trains few parameters, so "
+                            "drop --fsdp (DDP) for --lora")
+    if config.fsdp and config.cuda_graphs:
+        raise FinetuneError("--cuda-graphs cannot be combined with --fsdp: FSDP gathers the weights into new memory "
+                            "every step, which recorded graphs cannot follow; drop one of them")
+    if config.fsdp and processes < 2:
+        raise FinetuneError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N "
+                            "-m te_llama finetune --fsdp ... (N >= 2); on one GPU, drop --fsdp")
     if config.lora:
         lora_settings(config)  # checks --lora-targets before anything is written
     if config.batch_tokens < config.seq_len:
@@ -170,6 +182,9 @@ def _plot_losses(history: list[dict], path: Path, eval_loss_before: float) -> No
 
 def _training_arguments(config: FinetuneConfig, out: Path, on_gpu: bool, batch_size: int) -> TrainingArguments:
     report_to = ["tensorboard"] if _tensorboard_available() else []  # logs under output_dir/runs
+    # --fsdp: the model arrives sharded (shard_model), which accelerate's FSDP2 keeps as it is; the options make the
+    # Trainer run it without DDP and keep resumable checkpoints as DCP shards (each process writes its own).
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}) if config.fsdp else {}
     return TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=config.max_steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size, learning_rate=config.learning_rate, lr_scheduler_type="cosine",
@@ -181,6 +196,7 @@ def _training_arguments(config: FinetuneConfig, out: Path, on_gpu: bool, batch_s
         remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every parameter has a gradient: no search of the graph each step
         optim="adamw_torch",  # on a GPU the Trainer gets te-llama's AdamW instead (_optimizer)
+        **fsdp,
     )
 
 
@@ -190,6 +206,18 @@ def _optimizer(args: TrainingArguments, on_gpu: bool) -> tuple[type, dict] | Non
     if not on_gpu:
         return None
     return AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fsdp_summary(model, policy) -> dict | None:
+    """How ``--fsdp`` sharded the model, for ``summary.json`` (``None`` without it)."""
+    if policy is None:
+        return None
+    return {"parameters": _dtype_name(next(model.parameters()).dtype), "compute": _dtype_name(policy.param_dtype),
+            "gradient_reduction": _dtype_name(policy.reduce_dtype)}
 
 
 def _tensorboard_available() -> bool:
@@ -229,11 +257,16 @@ def finetune(config: FinetuneConfig) -> dict:
     wait_for_everyone()
 
     dtype = working_dtype(backend)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, fp8=fp8, device=processes.device)
+    # FSDP2 keeps FP32 master weights in the shards and computes in the working dtype (fsdp.default_mp_policy)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if config.fsdp else dtype, fp8=fp8,
+                                                device=processes.device)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable()
     if config.cuda_graphs:
         base.enable_cuda_graphs()
+    fsdp_policy = default_mp_policy(backend) if config.fsdp else None
+    if config.fsdp:
+        shard_model(base, mp_policy=fsdp_policy)
     model = add_lora(base, lora_settings(config), config.gradient_checkpointing) if config.lora else base
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = tokenize_and_pack(examples, tokenizer, config.seq_len, config.across_documents)
@@ -244,7 +277,7 @@ def finetune(config: FinetuneConfig) -> dict:
     precision = describe(base.fp8_config) if base.fp8_config else str(dtype).removeprefix("torch.")
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     if processes.num_processes > 1:
-        device = f"{processes.num_processes} x {device} (DDP)"
+        device = f"{processes.num_processes} x {device} ({'FSDP2' if config.fsdp else 'DDP'})"
     say(f"te-llama finetune: {model_dir.name} on {device}, backend {backend}, precision {precision}"
         + ("" if on_gpu else " (no GPU with Transformer Engine: reference layer, FP8 off)"))
     say(f"data: {data_name}: {len(examples)} documents" + (f" ({skipped} bad lines skipped)" if skipped else "")
@@ -254,9 +287,16 @@ def finetune(config: FinetuneConfig) -> dict:
     board = f"{out / 'checkpoints' / 'runs'})" if _tensorboard_available() else "not installed, pip install tensorboard)"
     if config.lora:
         say(describe_lora(model, lora_settings(config)))
+    if config.fsdp:
+        sharding = _fsdp_summary(base, fsdp_policy)
+        say(f"FSDP2: weights, gradients and optimizer state sharded over {processes.num_processes} processes; "
+            f"{sharding['parameters']} master weights, compute in {sharding['compute']}, gradients reduced in "
+            f"{sharding['gradient_reduction']}")
     say(f"output: {out} (checkpoints every {config.save_every} steps; TensorBoard: {board}")
 
     ppl_before = perplexity(model, eval_blocks, batch_size, progress=main)  # each process, the same blocks
+    if config.fsdp:
+        reshard(model)  # the Trainer builds its optimizer from model.parameters(), which must be the shards
     say(f"eval perplexity before: {ppl_before:.3f}")
     stopper = GracefulStopCallback()
     args = _training_arguments(config, out, on_gpu, batch_size)
@@ -268,6 +308,9 @@ def finetune(config: FinetuneConfig) -> dict:
     trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=_optimizer(args, on_gpu),
                       train_dataset=train_blocks, eval_dataset=eval_blocks, data_collator=default_data_collator,
                       callbacks=[FP8StateCallback(), CheckpointCompleteCallback(), stopper])
+    if config.fsdp and not trainer.is_fsdp_enabled:
+        raise FinetuneError("--fsdp: accelerate did not turn on FSDP for this run (it runs FSDP on GPU process "
+                            "groups only, and would wrap the sharded model in DDP); drop --fsdp to train with DDP")
     use_ddp_options(trainer)  # gradients as views into DDP's buckets, one copy a step (distributed.DDP_OPTIONS)
     trainer.callback_handler.callbacks.insert(0, LogExtrasCallback())  # before the printer sees the logs
     resume_from = last_complete_checkpoint(out / "checkpoints") if config.resume else None
@@ -285,6 +328,7 @@ def finetune(config: FinetuneConfig) -> dict:
         "status": "interrupted" if stopper.stopped else "completed",
         "model": str(model_dir), "data": data_name, "output": str(out), "backend": backend, "device": device,
         "processes": processes.num_processes, "ddp": ddp_options_of(trainer.model_wrapped),
+        "fsdp": _fsdp_summary(base, fsdp_policy),
         "precision": precision, "fp8_recipe": base.fp8_recipe_name, "steps": trainer.state.global_step,
         "cuda_graph_replays": base.cuda_graph_replays(), "fp8_weight_reuses": base.fp8_weight_reuses(),
         "lora": lora_summary(model, lora_settings(config)) if config.lora else None,
@@ -302,21 +346,24 @@ def finetune(config: FinetuneConfig) -> dict:
         say(f"stopped at step {trainer.state.global_step}; checkpoint {checkpoint}; continue with --resume")
     else:
         summary["eval_perplexity_after"] = perplexity(model, eval_blocks, batch_size, progress=main)
-        if main:  # the others wait below: one writer, one sample
+        if main:
             print(f"eval perplexity after: {summary['eval_perplexity_after']:.3f} (before {ppl_before:.3f})")
             print(f"sample, prompt: {SAMPLE_PROMPT}\nreply: ", end="", flush=True)
-            text, _ = generate_text(model.eval(), tokenizer, SAMPLE_PROMPT, max_new_tokens=config.sample_tokens)
+        if main or config.fsdp:  # a sharded model's forwards need every process; the first one prints and writes
+            text, _ = generate_text(model.eval(), tokenizer, SAMPLE_PROMPT, max_new_tokens=config.sample_tokens,
+                                    stream=main)
             summary["sample"] = {"prompt": SAMPLE_PROMPT, "reply": text}
             if config.lora:
                 summary["lora"].update(save_lora(model, out, merge=config.merge_lora))
                 print(f"saved the LoRA adapter (PEFT) to {out}"
                       + (f" and the merged HF checkpoint to {out / 'merged'}" if config.merge_lora else ""))
             else:
-                model.save_pretrained(out)
-                print(f"saved HF checkpoint to {out}")
-            tokenizer.save_pretrained(out)
-            if config.merge_lora:
-                tokenizer.save_pretrained(out / "merged")
+                model.save_pretrained(out)  # sharded: gathered in every process, written by the first
+                say(f"saved HF checkpoint to {out}")
+            if main:
+                tokenizer.save_pretrained(out)
+                if config.merge_lora:
+                    tokenizer.save_pretrained(out / "merged")
     summary["seconds"] = round(time.time() - started, 1)
     summary["log_history"] = trainer.state.log_history
     if main:

@@ -17,12 +17,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from te_llama import te_patches
 from te_llama.backend import Backend, resolve_backend, transformer_layer_base
-from te_llama.model.adapters import active_adapters, add_projection_sites, forward_with_adapters
+from te_llama.model.adapters import AdapterError, active_adapters, add_projection_sites, forward_with_adapters
 from te_llama.model.families import UnsupportedConfigError, check_config  # noqa: F401 (where callers import them)
 from te_llama.model.families import Biases, attention_window, te_kwargs
 from te_llama.model.kv_cache import forward_with_cache
 from te_llama.model.packed import forward_packed
 from te_llama.model.rope import RotaryAngles, softmax_scale
+from te_llama.training.distributed import is_sharded
 
 
 def head_dim(config) -> int:
@@ -125,6 +126,9 @@ class _LlamaLayerAdapter:
                 "model with TELlamaForCausalLM or inside te_llama.replace_decoder_layer()"
             )
         adapters = active_adapters(self)
+        if adapters and is_sharded(self):
+            raise AdapterError("PEFT adapters added to a model sharded with FSDP2 would train unsharded and "
+                               "unreduced, differently in every process; train LoRA with DDP (no shard_model)")
         if cache is not None:  # generate(), or any forward with use_cache=True (kv_cache.py)
             return forward_with_cache(self, hidden_states, attention_mask, position_embeddings, cache, adapters)
         packed = kwargs.get("packed_sequences")

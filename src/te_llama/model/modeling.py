@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import (GenerationConfig, LlamaForCausalLM, MistralForCausalLM, PretrainedConfig, Qwen2ForCausalLM,
                           Qwen3ForCausalLM)
 from transformers.initialization import no_init_weights
@@ -27,7 +28,7 @@ from te_llama import te_patches
 from te_llama.backend import default_device, resolve_backend
 from te_llama.checkpoint.files import CheckpointError, weight_files, write_checkpoint
 from te_llama.training.cuda_graphs import CudaGraphError, GraphPeers, release_layer_graphs
-from te_llama.training.distributed import several_processes
+from te_llama.training.distributed import is_sharded, several_processes
 from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
 from te_llama.model.adapters import has_adapters
 from te_llama.model.decoder_stack import TEDecoderStack
@@ -238,6 +239,12 @@ class TECausalLM:
 
     @cache_fp8_weights.setter
     def cache_fp8_weights(self, value: bool) -> None:
+        if value and is_sharded(self):
+            from te_llama.training.fsdp import FSDPError
+
+            raise FSDPError("cache_fp8_weights cannot be combined with FSDP2 (the model is sharded): the cache "
+                            "follows the weights through their parameters, which FSDP replaces by shards and "
+                            "gathered copies")
         if value and self.te_backend == "te":
             te_patches.install("rowwise_weight_cache")  # cached weights keep their row-wise FP8 copy alone
         self.model.te_settings.cache_fp8_weights = bool(value)
@@ -276,6 +283,10 @@ class TECausalLM:
         accumulators on a side stream, which recording the graphs needs, and a gloo group with which the processes
         agree on every training forward whether to replay (see :class:`te_llama.training.cuda_graphs.GraphPeers`).
         """
+        if is_sharded(self):
+            raise CudaGraphError("CUDA graphs cannot be combined with FSDP2 (the model is sharded): FSDP gathers the "
+                                 "weights into new memory every step, which recorded graphs cannot follow; train "
+                                 "with DDP to use them")
         if self.te_backend != "te":
             raise CudaGraphError("CUDA graphs need the Transformer Engine backend on a CUDA GPU; this model runs "
                                  f"the {self.te_backend!r} layer (set TE_LLAMA_BACKEND=te on a GPU machine)")
@@ -346,9 +357,17 @@ class TECausalLM:
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         max_shard_size: int | str = "5GB", is_main_process: bool = True, **kwargs) -> None:
         """Write a standard HF checkpoint of the family (``LlamaForCausalLM``, ..., HF names, no FP8 state),
-        atomically."""
+        atomically.
+
+        On a model sharded with FSDP2 every process must call it: the full weights are gathered to the first
+        process, which writes the checkpoint; the others write nothing."""
         if kwargs.get("push_to_hub"):
             raise NotImplementedError("te-llama saves locally; push the saved directory with huggingface_hub")
+        if state_dict is None and is_sharded(self):
+            from te_llama.training.fsdp import gathered_state_dict
+
+            state_dict = gathered_state_dict(self)  # in every process: it all-gathers
+            is_main_process = is_main_process and dist.get_rank() == 0
         if not is_main_process:
             return
         if state_dict is None and has_adapters(self.model.layers):

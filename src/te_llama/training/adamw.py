@@ -9,12 +9,14 @@ through torch's own multi-tensor fused kernel in one launch per dtype instead. B
 
 A step that the kernel does not cover runs torch's own AdamW, the same update: parameters off CUDA, Triton not
 installed, ``amsgrad``/``maximize``/``capturable``/``differentiable``, sparse or non-contiguous gradients,
-gradients of another dtype than their parameter, or a learning rate held in a CUDA tensor.
+gradients of another dtype than their parameter, a learning rate held in a CUDA tensor, or parameters sharded by
+FSDP2 (DTensors, which torch's step updates shard by shard).
 """
 
 from __future__ import annotations
 
 import collections
+import sys
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -100,8 +102,14 @@ class AdamW(torch.optim.AdamW):
 
 def _kernel_fits(param: torch.Tensor, grad: torch.Tensor | None) -> bool:
     fits = (param.device.type == "cuda" and param.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and param.is_contiguous())
+            and param.is_contiguous() and not _is_dtensor(param))
     return fits and (grad is None or not grad.is_sparse and grad.dtype == param.dtype and grad.is_contiguous())
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    # DTensors exist only once torch.distributed.tensor is imported; not importing it keeps te_llama's import light.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def describe(optimizer) -> str | None:

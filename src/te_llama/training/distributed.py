@@ -5,6 +5,7 @@ averages the gradients, and Transformer Engine reduces delayed scaling's amaxes 
 group), so all processes cast with the same FP8 scales and keep the same weights. This module holds what a command
 needs on top of that: each process on its own GPU before anything touches CUDA, one process that prints and
 writes while the others wait, agreement between the processes on when to stop, and the options DDP runs with.
+FSDP2, which shards the model over the processes instead, is :mod:`te_llama.training.fsdp`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def wait_for_everyone() -> None:
 def several_processes() -> bool:
     """Whether this process is one of several (a process group of more than one is up)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was sharded with FSDP2's ``fully_shard`` (:mod:`te_llama.training.fsdp`, or accelerate's)."""
+    if not (dist.is_available() and dist.is_initialized()):  # only a model in a process group can be sharded;
+        return False  # until there is one, FSDP is not imported
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def host_group() -> dist.ProcessGroup | None:
