@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from te_llama.bench.suite import LLAMA3_8B, RESULT_PREFIX, environment
-from te_llama.bench.variants import BenchmarkArgumentError
+from te_llama.bench.row_runner import check_names, run_row, run_rows
+from te_llama.bench.suite import LLAMA3_8B, RESULT_PREFIX
 
 LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=64, rope_theta=500000.0, max_position_embeddings=8192,
@@ -112,21 +109,6 @@ def run(variant: str, shape_name: str, repeats: int = 3) -> dict:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
-def _run_worker(variant: str, shape: str, timeout: int) -> dict:
-    command = [sys.executable, "-m", "te_llama.bench.generation", "--worker", variant, "--shape", shape]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "shape": shape, "status": "failed", "reason": f"timeout after {timeout} s"}
-    for line in result.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    reason = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    status = "skipped" if variant == "hf_static_compile" else "failed"  # HF's fast path where it fails: said why
-    return {"variant": variant, "shape": shape, "status": status, "reason": reason}
-
-
 def add_ratios(rows: list[dict]) -> None:
     """Each row's decode speed-up and memory against ``hf_dynamic`` of the same shape."""
     base = {row["shape"]: row for row in rows if row["variant"] == BASELINE and row["status"] == "ok"}
@@ -153,30 +135,15 @@ HEADER = f"{'shape':7s} {'variant':18s} {'TTFT ms':>9s} {'ms/token':>9s} {'speed
 def bench_generation(shapes: str, variants: str, output: str, timeout: int = 600) -> list[dict]:
     """Run the generation suite, print the table, write ``output`` (JSON with GPU and versions)."""
     shape_list, variant_list = shapes.split(","), variants.split(",")
-    for name, known, what in ((shape_list, SHAPES, "shape"), (variant_list, VARIANTS, "variant")):
-        unknown = [item for item in name if item not in known]
-        if unknown:
-            raise BenchmarkArgumentError(f"unknown generation {what}: {', '.join(unknown)} "
-                                         f"({what}s: {', '.join(known)})")
-    env = environment()
-    print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
-    print(HEADER)
-    rows = []
-    for shape in shape_list:
-        for variant in variant_list:
-            rows.append(_run_worker(variant, shape, timeout))
-            print(format_row(rows[-1]), flush=True)
-    add_ratios(rows)
-    report = {"command": f"te-llama bench --generation --shapes {shapes} --variants {variants}",
-              "environment": env, "rows": rows}
-    partial = output + ".partial"
-    with open(partial, "w") as handle:
-        json.dump(report, handle, indent=1)
-    os.replace(partial, output)
-    print("\n" + HEADER)
-    for row in rows:
-        print(format_row(row))
-    return rows
+    check_names("shape", shape_list, SHAPES, "generation")
+    check_names("variant", variant_list, VARIANTS, "generation")
+
+    def row(variant: str, shape: str) -> dict:  # HF's fast path where it fails is a skip, with the reason
+        return run_row("te_llama.bench.generation", variant, shape, [], timeout,
+                       lambda reason: "skipped" if variant == "hf_static_compile" else "failed")
+
+    return run_rows(f"te-llama bench --generation --shapes {shapes} --variants {variants}", shape_list, variant_list,
+                    row, add_ratios, HEADER, format_row, output)
 
 
 def main() -> None:

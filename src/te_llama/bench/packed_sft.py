@@ -24,15 +24,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from te_llama.bench.suite import LLAMA3_8B, RESULT_PREFIX, environment
-from te_llama.bench.variants import BenchmarkArgumentError
+from te_llama.bench.row_runner import check_names, run_row, run_rows
+from te_llama.bench.suite import LLAMA3_8B, RESULT_PREFIX
 
 TINY = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
             tie_word_embeddings=False)
@@ -190,22 +188,6 @@ def run(variant: str, shape_name: str, steps: int = 8, warmup: int = 3) -> dict:
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
-def _run_worker(variant: str, shape: str, steps: int, warmup: int, timeout: int) -> dict:
-    command = [sys.executable, "-m", "te_llama.bench.packed_sft", "--worker", variant, "--shape", shape,
-               "--steps", str(steps), "--warmup", str(warmup)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "shape": shape, "status": "failed", "reason": f"timeout after {timeout} s"}
-    for line in result.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    reason = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    return {"variant": variant, "shape": shape, "status": "oom" if "OutOfMemory" in reason else "failed",
-            "reason": reason}
-
-
 def add_ratios(rows: list[dict]) -> None:
     """Each row's real tokens/s and peak memory against each HF row of the same shape."""
     for baseline in BASELINES:
@@ -238,30 +220,16 @@ def bench_packed(shapes: str, variants: str, output: str, steps: int = 8, warmup
                  timeout: int = 600) -> list[dict]:
     """Run the padding-free fine-tuning suite, print the table, write ``output`` (JSON with GPU and versions)."""
     shape_list, variant_list = shapes.split(","), variants.split(",")
-    for names, known, what in ((shape_list, SHAPES, "shape"), (variant_list, VARIANTS, "variant")):
-        unknown = [item for item in names if item not in known]
-        if unknown:
-            raise BenchmarkArgumentError(f"unknown packed {what}: {', '.join(unknown)} ({what}s: {', '.join(known)})")
+    check_names("shape", shape_list, SHAPES, "packed")
+    check_names("variant", variant_list, VARIANTS, "packed")
     corpus_tokens()  # tokenized once here, not in every worker
-    env = environment()
-    print(f"GPU: {env['gpu']}  " + "  ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
-    print(HEADER)
-    rows = []
-    for shape in shape_list:
-        for variant in variant_list:
-            rows.append(_run_worker(variant, shape, steps, warmup, timeout))
-            print(format_row(rows[-1]), flush=True)
-    add_ratios(rows)
-    report = {"command": f"te-llama bench --packed --shapes {shapes} --variants {variants}", "environment": env,
-              "rows": rows}
-    partial = output + ".partial"
-    with open(partial, "w") as handle:
-        json.dump(report, handle, indent=1)
-    os.replace(partial, output)
-    print("\n" + HEADER)
-    for row in rows:
-        print(format_row(row))
-    return rows
+
+    def row(variant: str, shape: str) -> dict:
+        return run_row("te_llama.bench.packed_sft", variant, shape, ["--steps", str(steps), "--warmup", str(warmup)],
+                       timeout, lambda reason: "oom" if "OutOfMemory" in reason else "failed")
+
+    return run_rows(f"te-llama bench --packed --shapes {shapes} --variants {variants}", shape_list, variant_list, row,
+                    add_ratios, HEADER, format_row, output)
 
 
 def main() -> None:
