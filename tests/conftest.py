@@ -67,6 +67,23 @@ def hf_checkpoint(tmp_path):
     return make
 
 
+@pytest.fixture
+def stream_calls(monkeypatch):
+    """The :class:`te_llama.model.packed.PackedSequences` of each decoder-layer forward that ran on the padding-free
+    stream, in order."""
+    from te_llama.model import packed
+
+    calls = []
+    original = packed.forward_packed
+
+    def counted(layer, hidden_states, sequences, *args):
+        calls.append(sequences)
+        return original(layer, hidden_states, sequences, *args)
+
+    monkeypatch.setattr("te_llama.model.layer.forward_packed", counted)
+    return calls
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

@@ -175,19 +175,12 @@ def test_each_document_attends_only_to_itself_by_default(tiny_model):
     assert "position_ids" not in plain[0] and (plain[0]["labels"][starts[1:]] != IGNORE).all()
 
 
-def test_finetune_trains_padding_free_and_counts_real_tokens(tiny_model, tmp_path, monkeypatch):
-    from te_llama.model import packed
-
+def test_finetune_trains_padding_free_and_counts_real_tokens(tiny_model, tmp_path, stream_calls):
     short = tmp_path / "short.txt"  # documents of a few words, several to a block
     short.write_text("\n\n".join(" ".join(line.split()[:8]) for line in english_text().splitlines()[:80]))
-    streams = []
-    original = packed.forward_packed
-    monkeypatch.setattr("te_llama.model.layer.forward_packed",
-                        lambda layer, hidden, sequences, *rest: streams.append(sequences) or original(
-                            layer, hidden, sequences, *rest))
     assert run(tiny_model, short, tmp_path / "out", "--max-steps", "2") == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert streams and any(len(s.cu_seqlens) > 3 for s in streams)  # several documents in a block
+    assert stream_calls and any(len(s.cu_seqlens) > 3 for s in stream_calls)  # several documents in a block
     assert 0 < summary["tokens"] <= 2 * 128
 
 

@@ -148,21 +148,14 @@ def test_autocast_wraps_training_forwards_only(fake_te):
     assert len(events) == 6 and model.fp8_recipe_name is None
 
 
-def test_an_unaligned_token_count_is_padded_inside_and_refused_on_the_kv_cache(fake_te, monkeypatch):
-    from te_llama.model import packed
-
+def test_an_unaligned_token_count_is_padded_inside_and_refused_on_the_kv_cache(fake_te, stream_calls):
     model = TELlamaForCausalLM.from_config(tiny_config()).train()
     fake_te()
     settings = model.model.te_settings
     settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current")
-    streams = []
-    original = packed.forward_packed
-    monkeypatch.setattr("te_llama.model.layer.forward_packed",
-                        lambda layer, hidden, sequences, *rest: streams.append(sequences) or original(
-                            layer, hidden, sequences, *rest))
     ids = torch.randint(0, 128, (1, 13))
     model(ids)
-    assert streams[0].cu_seqlens.tolist() == [0, 13, 16]  # a sequence of padding makes 16 tokens for FP8's GEMMs
+    assert stream_calls[0].cu_seqlens.tolist() == [0, 13, 16]  # a sequence of padding makes 16 tokens for FP8's GEMMs
     with pytest.raises(FP8ConfigError, match="generate"):
         model(ids, use_cache=True)
 

@@ -14,7 +14,7 @@ from transformers import DataCollatorWithFlattening
 
 from conftest import relative_error, tiny_config
 from te_llama import TELlamaForCausalLM
-from te_llama.model import decoder_stack, packed
+from te_llama.model import decoder_stack
 from te_llama.model.packed import packed_sequences
 
 LENGTHS = [(5, 9), (3, 7, 6), (11,)]  # documents per row
@@ -24,20 +24,6 @@ LENGTHS = [(5, 9), (3, 7, 6), (11,)]  # documents per row
 def pair(hf_checkpoint):
     directory, hf = hf_checkpoint(tiny_config())
     return hf, TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture
-def stream_calls(monkeypatch):
-    """Counts decoder-layer forwards that ran on the padding-free stream."""
-    calls = []
-    original = packed.forward_packed
-
-    def counted(layer, hidden_states, sequences, *args):
-        calls.append(sequences)
-        return original(layer, hidden_states, sequences, *args)
-
-    monkeypatch.setattr("te_llama.model.layer.forward_packed", counted)
-    return calls
 
 
 def documents(seed: int = 0) -> list[list[torch.Tensor]]:

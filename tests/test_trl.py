@@ -84,16 +84,9 @@ def sft_config(tmp_path, **overrides) -> SFTConfig:
 @pytest.mark.parametrize("options", [{}, {"packing": True}, {"padding_free": True, "max_length": None}],
                          ids=["default", "packing", "padding_free"])
 def test_sft_trainer_runs_the_layers_inside_te_llamas_decoder_pass(options, tokenizer, documents, tmp_path,
-                                                                     monkeypatch):
-    from te_llama.model import packed
-
+                                                                     monkeypatch, stream_calls):
     model = tiny_model(tokenizer)
     calls = LayerCalls(model, monkeypatch)
-    streams = []
-    original = packed.forward_packed
-    monkeypatch.setattr("te_llama.model.layer.forward_packed",
-                        lambda layer, hidden, sequences, *rest: streams.append(sequences) or original(
-                            layer, hidden, sequences, *rest))
     before = model.model.layers[0].self_attention.proj.weight.detach().clone()
     trainer = SFTTrainer(model=model, args=sft_config(tmp_path, **options), train_dataset=documents,
                          processing_class=tokenizer)
@@ -103,7 +96,7 @@ def test_sft_trainer_runs_the_layers_inside_te_llamas_decoder_pass(options, toke
     assert calls.calls >= 3 * model.config.num_hidden_layers
     assert calls.in_pass == calls.calls
     if options:  # packed documents: every layer call ran padding-free, each document on its own
-        assert len(streams) == calls.calls and all(len(s.cu_seqlens) > 2 for s in streams)
+        assert len(stream_calls) == calls.calls and all(len(s.cu_seqlens) > 2 for s in stream_calls)
     assert not torch.equal(model.model.layers[0].self_attention.proj.weight, before)  # it trained
 
 

@@ -170,7 +170,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def attention_adapters(attention: nn.Module, adapters: dict[str, nn.Module]):
     """While open, ``attention``'s q/k/v and output projections add the adapters' contributions."""
     qkv = attention.layernorm_qkv
-    widths = (qkv.query_weight.shape[0], qkv.key_weight.shape[0], qkv.value_weight.shape[0])
+    widths = qkv_widths(qkv)
 
     def add_qkv(module, args, output):
         normed = _rms_norm(args[0], module.layer_norm_weight, module.eps)
@@ -190,6 +190,32 @@ def attention_adapters(attention: nn.Module, adapters: dict[str, nn.Module]):
         if "o_proj" in adapters:
             stack.callback(attention.proj.register_forward_hook(add_o).remove)
         yield
+
+
+def qkv_widths(qkv: nn.Module) -> tuple[int, int, int]:
+    """Widths of the q, k and v blocks in ``layernorm_qkv``'s output ([q | k | v], TE's order)."""
+    return qkv.query_weight.shape[0], qkv.key_weight.shape[0], qkv.value_weight.shape[0]
+
+
+def qkv_heads(layer: nn.Module, x: torch.Tensor, is_first_microbatch: bool | None = None):
+    """q, k, v ``[..., heads, head_dim]`` of ``x`` ``[..., hidden]`` from the layer's ``layernorm_qkv`` (with any
+    adapters :func:`attention_adapters` added), the family's q/k norm applied: the first step of the layer run module
+    by module (:mod:`te_llama.model.kv_cache`, :mod:`te_llama.model.packed`)."""
+    attention = layer.self_attention
+    qkv = attention.layernorm_qkv
+    q, k, v = qkv(x, is_first_microbatch=is_first_microbatch).split(qkv_widths(qkv), dim=-1)
+    q, k, v = (t.reshape(*x.shape[:-1], -1, layer.head_dim) for t in (q, k, v))
+    if getattr(attention, "q_norm", None) is not None:  # Qwen3: te-llama sets qk_norm_before_rope=True
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    return q, k, v
+
+
+def mlp_output(layer: nn.Module, x: torch.Tensor, adapters: dict[str, nn.Module],
+               is_first_microbatch: bool | None = None) -> torch.Tensor:
+    """The layer's MLP on ``x``: TE's fused ``LayerNormMLP``, or unfused where adapters sit on its projections."""
+    if any(name in adapters for name in MLP_SITES):
+        return unfused_mlp(layer, x, adapters, is_first_microbatch)
+    return plus_bias(layer.layernorm_mlp(x, is_first_microbatch=is_first_microbatch))
 
 
 def plus_bias(outputs) -> torch.Tensor:

@@ -36,6 +36,11 @@ from te_llama.training.fp8 import (FP8Config, FP8ConfigError, autocast, check_to
 from te_llama.training.weight_cache import FP8WeightCache
 
 
+def _uses_cache(kwargs: dict) -> bool:
+    """Whether this forward runs on HF's KV cache (``generate()``, ``use_cache=True``; kv_cache.py)."""
+    return bool(kwargs.get("use_cache")) or any(kwargs.get(key) is not None for key in ("cache", "past_key_values"))
+
+
 @dataclass
 class StackSettings:
     """A model's choices for its decoder layers, set through ``TELlamaForCausalLM``'s methods."""
@@ -69,8 +74,8 @@ class TEDecoderStack:
         refuse_data_parallel(self)
         embeds = kwargs.get("inputs_embeds")
         tokens = input_ids if input_ids is not None else embeds[..., 0] if embeds is not None else None
-        cached = kwargs.get("use_cache") or any(kwargs.get(key) is not None for key in ("cache", "past_key_values"))
-        if tokens is not None and not args and not cached and (attention_mask is None or attention_mask.dim() == 2):
+        if (tokens is not None and not args and not _uses_cache(kwargs)
+                and (attention_mask is None or attention_mask.dim() == 2)):
             packed = self._packed(tokens, attention_mask, position_ids, kwargs)
             if packed is not None:
                 kwargs["packed_sequences"] = packed
@@ -98,8 +103,7 @@ class TEDecoderStack:
             try:
                 check_token_alignment(settings.fp8_recipe_name, tokens)
             except FP8ConfigError as error:
-                if not (kwargs.get("use_cache") or kwargs.get("cache") is not None
-                        or kwargs.get("past_key_values") is not None):
+                if not _uses_cache(kwargs):
                     raise
                 raise FP8ConfigError(f"{error} generate() with FP8Config(in_eval=True) feeds one token per row at "
                                      "each step: generate in BF16 (in_eval=False, the default) or with a "

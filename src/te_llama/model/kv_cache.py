@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from te_llama.model.adapters import MLP_SITES, attention_adapters, plus_bias, unfused_mlp
+from te_llama.model.adapters import attention_adapters, mlp_output, plus_bias, qkv_heads
 from te_llama.model.masks import is_causal_marker
 from te_llama.model.reference_layer import rotate
 from te_llama.model.rope import RotaryAngles, angles_at
@@ -42,15 +42,9 @@ def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_
                        rotary: RotaryAngles, cache, adapters: dict[str, nn.Module]) -> torch.Tensor:
     """One decoder layer on ``hidden_states`` ``[b, s, hidden]``, reading and extending ``cache``."""
     attention = layer.self_attention
-    qkv_module = attention.layernorm_qkv
     b, s, _ = hidden_states.shape
-    head = layer.head_dim
-    sizes = (qkv_module.query_weight.shape[0], qkv_module.key_weight.shape[0], qkv_module.value_weight.shape[0])
     with attention_adapters(attention, adapters):
-        q, k, v = qkv_module(hidden_states).split(sizes, dim=-1)
-        q, k, v = q.view(b, s, -1, head), k.view(b, s, -1, head), v.view(b, s, -1, head)
-        if getattr(attention, "q_norm", None) is not None:  # Qwen3: te-llama sets qk_norm_before_rope=True
-            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k, v = qkv_heads(layer, hidden_states)
         angles = angles_at(rotary.position_ids.expand(b, s), rotary.inv_freq)[:, :, None, :]  # each row's positions
         q, k = rotate(q, angles), rotate(k, angles)  # float32, as TE's fused RoPE
         keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer.layer_idx)
@@ -60,6 +54,4 @@ def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_
             dropout_p=layer.attention_dropout if layer.training else 0.0,
             scale=attention.core_attention.softmax_scale)
         hidden_states = hidden_states + plus_bias(attention.proj(context.transpose(1, 2).reshape(b, s, -1)))
-    if any(name in adapters for name in MLP_SITES):
-        return hidden_states + unfused_mlp(layer, hidden_states, adapters, None)
-    return hidden_states + plus_bias(layer.layernorm_mlp(hidden_states))
+    return hidden_states + mlp_output(layer, hidden_states, adapters)

@@ -24,12 +24,13 @@ does the same); the layers of that forward share the result.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from te_llama.model.adapters import MLP_SITES, attention_adapters, plus_bias, unfused_mlp
+from te_llama.model.adapters import attention_adapters, mlp_output, plus_bias, qkv_heads
 from te_llama.model.rope import RotaryAngles
 
 
@@ -67,11 +68,6 @@ class PackedSequences:
         return hidden_states.flatten(0, 1).index_copy(0, self.token_index, stream).view_as(hidden_states)
 
 
-def _aligned(lengths: list[int], total: int, alignment: int) -> list[int]:
-    padding = -total % alignment
-    return lengths + [padding] if padding else lengths
-
-
 def packed_sequences(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
                      alignment: int = 1) -> PackedSequences | None:
@@ -84,7 +80,7 @@ def packed_sequences(tokens: torch.Tensor, attention_mask: torch.Tensor | None =
         bounds = cu_seq_lens.tolist()
         if bounds[0] != 0 or bounds[-1] != b * s or any(x >= y for x, y in zip(bounds, bounds[1:])):
             raise ValueError(f"cu_seq_lens_q {bounds} does not split the batch's {b * s} tokens into sequences")
-        lengths, index = [y - x for x, y in zip(bounds, bounds[1:])], None
+        index = None
     else:
         valid = (attention_mask.bool() if attention_mask is not None
                  else torch.ones(b, s, dtype=torch.bool, device=device))
@@ -92,19 +88,22 @@ def packed_sequences(tokens: torch.Tensor, attention_mask: torch.Tensor | None =
                      else torch.arange(s, device=device).expand(b, s))
         starts = valid.clone()
         starts[:, 1:] &= (positions[:, 1:] != positions[:, :-1] + 1) | ~valid[:, :-1]
-        whole_rows = bool(valid.all()) and bool((starts[:, 1:] == 0).all())
-        if whole_rows and (b * s) % alignment == 0:
-            return None
-        flat_valid = valid.flatten()
-        if not bool(flat_valid.any()):
+        flat_valid, flat_starts = valid.flatten(), starts.flatten()
+        index = flat_valid.nonzero().squeeze(1)  # two reads on the host: the real tokens, the starts
+        if len(index) == 0:
             return None  # nothing but padding: no output is read
-        index = None if bool(flat_valid.all()) else flat_valid.nonzero().squeeze(1)
-        first = starts.flatten() if index is None else starts.flatten().index_select(0, index)
-        bounds = first.nonzero().squeeze(1).tolist() + [int(flat_valid.sum())]
-        lengths = [y - x for x, y in zip(bounds, bounds[1:])]
-    real = sum(lengths)
-    lengths = _aligned(lengths, real, alignment)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        if len(index) == b * s:
+            index = None
+        else:
+            flat_starts = flat_starts.index_select(0, index)
+        bounds = [*flat_starts.nonzero().squeeze(1).tolist(), int(flat_starts.shape[0])]
+        if index is None and len(bounds) == b + 1 and (b * s) % alignment == 0:
+            return None  # whole rows: a sequence starts at each row and nowhere else
+    lengths = [y - x for x, y in zip(bounds, bounds[1:])]
+    real = bounds[-1]
+    if real % alignment:
+        lengths.append(-real % alignment)  # a sequence of zeros makes the stream a length FP8's GEMMs take
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     return PackedSequences((b, s), index, cu, max(lengths), real)
 
 
@@ -120,24 +119,14 @@ def forward_packed(layer: nn.Module, hidden_states: torch.Tensor, packed: Packed
                    adapters: dict[str, nn.Module], is_first_microbatch: bool | None) -> torch.Tensor:
     """One decoder layer on the real tokens of ``hidden_states`` ``[b, s, hidden]`` (see the module docstring)."""
     attention = layer.self_attention
-    qkv_module = attention.layernorm_qkv
     x = packed.pack(layer.drop_cached_transposes(hidden_states, is_first_microbatch is not None))
-    tokens, head = x.shape[0], layer.head_dim
-    sizes = (qkv_module.query_weight.shape[0], qkv_module.key_weight.shape[0], qkv_module.value_weight.shape[0])
     table = rotary.angle_table_from_zero(packed.max_seqlen)
     with attention_adapters(attention, adapters):
-        q, k, v = qkv_module(x, is_first_microbatch=is_first_microbatch).split(sizes, dim=-1)
-        q, k, v = q.reshape(tokens, -1, head), k.reshape(tokens, -1, head), v.reshape(tokens, -1, head)
-        if getattr(attention, "q_norm", None) is not None:  # Qwen3: te-llama sets qk_norm_before_rope=True
-            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k, v = qkv_heads(layer, x, is_first_microbatch)
         q, k = _rotary(layer, q, table, packed), _rotary(layer, k, table, packed)
         context = attention.core_attention(
             q, k, v, qkv_format="thd", attn_mask_type="padding_causal", cu_seqlens_q=packed.cu_seqlens,
             cu_seqlens_kv=packed.cu_seqlens, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen,
             window_size=layer.window_size)  # Mistral's sliding window, within each sequence
-        x = x + plus_bias(attention.proj(context.reshape(tokens, -1), is_first_microbatch=is_first_microbatch))
-    if any(name in adapters for name in MLP_SITES):
-        x = x + unfused_mlp(layer, x, adapters, is_first_microbatch)
-    else:
-        x = x + plus_bias(layer.layernorm_mlp(x, is_first_microbatch=is_first_microbatch))
-    return packed.unpack(x, hidden_states)
+        x = x + plus_bias(attention.proj(context.reshape(x.shape[0], -1), is_first_microbatch=is_first_microbatch))
+    return packed.unpack(x + mlp_output(layer, x, adapters, is_first_microbatch), hidden_states)
