@@ -178,3 +178,72 @@ def test_generation_with_adapters_matches_hf_peft(pair, tmp_path):
     ids = batch(7)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(te_peft.generate(input_ids=ids, **kwargs), hf_peft.generate(input_ids=ids, **kwargs))
+
+
+def lora_forward_calls(monkeypatch) -> list[int]:
+    """Counts calls of PEFT's own LoRA forward (te-llama computes the adapters itself: te_llama.model.lora)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    calls, forward = [0], LoraLinear.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("overrides", [{}, {"lora_dropout": 0.1}, {"lora_bias": True}],
+                         ids=["fused", "dropout", "lora-bias"])
+def test_adapters_of_one_fused_projection_run_as_two_gemms(pair, overrides, tmp_path, monkeypatch):
+    hf, te = pair
+    torch.manual_seed(0)
+    hf_peft = get_peft_model(hf, lora_config("all-linear", **overrides))
+    if overrides.get("lora_bias"):  # PEFT initialises B's bias to zero: make it matter
+        with torch.no_grad():
+            for name, p in hf_peft.named_parameters():
+                if "lora_B" in name and name.endswith("bias"):
+                    p.normal_()
+    hf_peft.save_pretrained(tmp_path / "adapter")
+    te_peft = PeftModel.from_pretrained(te, tmp_path / "adapter")
+    ids = batch(8)
+    hf_peft.eval(), te_peft.eval()  # dropout off in both
+    expected = logits(hf_peft, ids)
+    calls = lora_forward_calls(monkeypatch)
+    assert relative_error(logits(te_peft, ids), expected) < 1e-5
+    # Only LoRA with a bias on B runs PEFT's forward (one call per site and layer); the rest is te-llama's GEMMs.
+    assert calls[0] == (7 * te.config.num_hidden_layers if overrides.get("lora_bias") else 0)
+
+
+def test_lora_dropout_trains_like_peft(pair, tmp_path):
+    hf, te = pair
+    torch.manual_seed(0)
+    hf_peft = get_peft_model(hf, lora_config(["q_proj", "up_proj"], lora_dropout=0.5))
+    hf_peft.save_pretrained(tmp_path / "adapter")
+    te_peft = PeftModel.from_pretrained(te, tmp_path / "adapter", is_trainable=True).train()
+    ids = batch(9)
+    losses = [te_peft(input_ids=ids, labels=ids).loss.item() for _ in range(2)]
+    assert losses[0] != losses[1]  # dropout draws new masks each forward
+    hf_peft.eval(), te_peft.eval()
+    assert relative_error(logits(te_peft, ids), logits(hf_peft, ids)) < 1e-5
+
+
+def test_bfloat16_adapters_are_as_close_to_float32_as_peft(hf_checkpoint, tmp_path):
+    # PEFT keeps float32 adapters on a bfloat16 model and computes them in float32; te-llama computes them in
+    # bfloat16 from the same float32 weights. Both against the float32 model with the same adapter:
+    directory, _ = hf_checkpoint(tiny_config())
+    torch.manual_seed(0)
+    get_peft_model(LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32),
+                   lora_config("all-linear")).save_pretrained(tmp_path / "adapter")
+    ids = batch(10)
+    errors = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for cls in (LlamaForCausalLM, TELlamaForCausalLM):
+            model = PeftModel.from_pretrained(cls.from_pretrained(directory, dtype=dtype), tmp_path / "adapter")
+            errors[cls, dtype] = logits(model, ids)
+    truth = errors[LlamaForCausalLM, torch.float32]
+    assert relative_error(errors[TELlamaForCausalLM, torch.float32], truth) < 1e-5
+    hf_error = relative_error(errors[LlamaForCausalLM, torch.bfloat16], truth)
+    te_error = relative_error(errors[TELlamaForCausalLM, torch.bfloat16], truth)
+    assert 0 < te_error < 1.5 * hf_error, (te_error, hf_error)  # measured: 0.015 against PEFT's 0.013

@@ -5,9 +5,10 @@ TE fuses what HF keeps apart: q/k/v live in one ``LayerNormLinear`` behind the i
 HF's module names (``self_attn.q_proj``, ..., ``mlp.down_proj``, or ``"all-linear"``) and types (``nn.Linear``).
 So every te-llama layer carries stand-ins with those names, :class:`ProjectionSite`: an ``nn.Linear`` whose
 ``weight`` and ``bias`` are views of TE's parameters, so PEFT sizes its adapters from them and ``merge()`` /
-``merge_and_unload()`` write into TE's weights, and whose forward computes nothing (a broadcast zero). PEFT's LoRA
-module around a site therefore returns exactly the adapters' contribution, with PEFT's own dropout, scaling,
-rsLoRA, several or disabled adapters; the layer adds it where HF's projection output is:
+``merge_and_unload()`` write into TE's weights, and whose forward computes nothing (a broadcast zero). The layer
+adds the contribution of PEFT's LoRA module around a site (PEFT's weights, dropout, scaling, rsLoRA, several or
+disabled adapters) where HF's projection output is, the sites of one fused projection in two GEMMs
+(:mod:`te_llama.model.lora`):
 
 - ``q_proj``, ``k_proj``, ``v_proj`` see the normed hidden states (what HF's see) and add to the columns of
   ``layernorm_qkv``'s output ([q | k | v], TE's order with unfused q/k/v parameters), before anything else sees it:
@@ -30,6 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from te_llama.model.lora import add_lora
 
 ATTENTION_SITES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_SITES = ("gate_proj", "up_proj", "down_proj")
@@ -174,15 +177,13 @@ def attention_adapters(attention: nn.Module, adapters: dict[str, nn.Module]):
 
     def add_qkv(module, args, output):
         normed = _rms_norm(args[0], module.layer_norm_weight, module.eps)
-        parts = [adapters[name](normed) if name in adapters else normed.new_zeros(*normed.shape[:-1], width)
-                 for name, width in zip(("q_proj", "k_proj", "v_proj"), widths)]
-        return output + torch.cat(parts, dim=-1)
+        return add_lora(output, normed, [(adapters.get(name), width)
+                                         for name, width in zip(("q_proj", "k_proj", "v_proj"), widths)])
 
     def add_o(module, args, output):
-        delta = adapters["o_proj"](args[0])
         if isinstance(output, tuple):  # TE's proj returns (output, bias) and the layer adds the bias
-            return (output[0] + delta, *output[1:])
-        return output + delta
+            return (add_lora(output[0], args[0], [(adapters["o_proj"], output[0].shape[-1])]), *output[1:])
+        return add_lora(output, args[0], [(adapters["o_proj"], output.shape[-1])])
 
     with ExitStack() as stack:
         if any(name in adapters for name in ("q_proj", "k_proj", "v_proj")):
@@ -246,15 +247,14 @@ def unfused_mlp(layer: nn.Module, hidden_states: torch.Tensor, adapters: dict[st
     mlp = layer.layernorm_mlp
     fc1, fc2 = mlp_linears(layer)
     normed = _rms_norm(hidden_states, mlp.layer_norm_weight, mlp.eps)
-    gate, up = fc1(normed, is_first_microbatch).chunk(2, dim=-1)  # TE's SwiGLU: silu of the first half
-    if "gate_proj" in adapters:
-        gate = gate + adapters["gate_proj"](normed)
-    if "up_proj" in adapters:
-        up = up + adapters["up_proj"](normed)
+    gate_up = fc1(normed, is_first_microbatch)
+    ffn = gate_up.shape[-1] // 2
+    gate, up = add_lora(gate_up, normed, [(adapters.get("gate_proj"), ffn), (adapters.get("up_proj"), ffn)]).chunk(
+        2, dim=-1)  # TE's SwiGLU: silu of the first half
     activation = F.silu(gate) * up
     output = fc2(activation, is_first_microbatch)
     if "down_proj" in adapters:
-        output = output + adapters["down_proj"](activation)
+        output = add_lora(output, activation, [(adapters["down_proj"], output.shape[-1])])
     return output
 
 
