@@ -50,6 +50,11 @@ def _terms(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float, n
     return terms
 
 
+def _passes_through(dropout: nn.Module) -> bool:
+    return isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout)
+                                                 and (not dropout.training or dropout.p == 0))
+
+
 def add_lora(output: torch.Tensor, x: torch.Tensor, sites: Sequence[Site]) -> torch.Tensor:
     """``output`` ``[..., n]`` plus the contributions of the LoRA modules of ``sites`` (their blocks, in order, span
     ``n``) to the input ``x`` ``[..., in]`` they all see."""
@@ -71,7 +76,7 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, sites: Sequence[Site]) -> to
         raise ValueError(f"the sites' widths add up to {offset}, not the output's {total}")
     if ranks:
         flat = x.reshape(-1, x.shape[-1])
-        if all(isinstance(dropout, nn.Identity) for dropout in inputs):
+        if all(_passes_through(dropout) for dropout in inputs):
             h = F.linear(flat, torch.cat(ranks))
         else:  # each adapter's own dropout of the input
             h = torch.cat([F.linear(dropout(flat), a) for dropout, a in zip(inputs, ranks)], dim=-1)
