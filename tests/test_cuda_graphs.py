@@ -175,7 +175,7 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
     outputs = model(input_ids=ids, labels=ids, output_hidden_states=True)
     assert graph.replays_done == 1 and calls == [0, 1, 2]  # eager: each layer's own output is reported
     torch.testing.assert_close(outputs.loss, expected)
-    assert len({h.data_ptr() for h in outputs.hidden_states}) == len(outputs.hidden_states)
+    assert len({h.data_ptr() for h in outputs.hidden_states}) == len(outputs.hidden_states) == len(layers) + 1
 
 
 def _vote(rank: int, port: int, out: str) -> None:

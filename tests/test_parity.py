@@ -74,6 +74,19 @@ def test_padded_batches_match_hf_on_real_tokens(hf_checkpoint, side, positions):
     assert relative_error(actual[real], expected[real]) < 1e-5
 
 
+@pytest.mark.parametrize("batch", ["rows", "right-padded"])
+def test_hidden_states_match_hf(hf_checkpoint, batch):
+    hf, te = load_pair(hf_checkpoint)
+    ids, mask = padded_batch("right")
+    kwargs = {"attention_mask": mask} if batch == "right-padded" else {}
+    with torch.no_grad():
+        expected, actual = (model(ids, output_hidden_states=True, **kwargs).hidden_states for model in (hf, te))
+    assert len(actual) == len(expected) == te.config.num_hidden_layers + 1
+    real = mask.bool() if kwargs else torch.ones_like(mask, dtype=torch.bool)
+    for layer, (a, e) in enumerate(zip(actual, expected)):
+        assert relative_error(a[real], e[real]) < 1e-5, layer
+
+
 def test_mask_types_chosen_for_te():
     from te_llama.model.masks import te_mask_from_hf
 

@@ -27,6 +27,7 @@ from transformers import LlamaModel, MistralModel, Qwen2Model, Qwen3Model
 
 from te_llama import te_patches
 from te_llama.model.adapters import has_adapters
+from te_llama.model.layer import DecoderLayerAdapter
 from te_llama.model.masks import causal_marker
 from te_llama.model.packed import packed_sequences
 from te_llama.training import cuda_graphs as graphs
@@ -65,6 +66,10 @@ class TEDecoderStack:
     """What te-llama adds to a family's HF decoder stack (``LlamaModel``, ``MistralModel``, ...: embeddings,
     ``TELlamaDecoderLayer``s, final norm): it runs the layers under :class:`StackSettings`. Put it first among the
     bases, before HF's class, whose forward it wraps."""
+
+    _can_record_outputs = {"hidden_states": DecoderLayerAdapter}
+    """HF's ``output_hidden_states`` records the outputs of te-llama's layers (HF's own names ``LlamaDecoderLayer``,
+    which these are not). No attention weights: TE's fused attention, as HF's SDPA, computes none."""
 
     def __init__(self, config):
         super().__init__(config)

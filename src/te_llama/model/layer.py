@@ -85,7 +85,7 @@ def _set_softmax_scale(core_attention: torch.nn.Module, scale: float) -> None:
             module.softmax_scale = scale
 
 
-class _LlamaLayerAdapter:
+class DecoderLayerAdapter:
     """Maps the family's config onto TransformerLayer and HF's decoder-layer call onto TE's forward."""
 
     backend: Backend
@@ -176,7 +176,7 @@ def _build(backend: Backend) -> type:
     base = transformer_layer_base(backend)
     return type(
         "TELlamaDecoderLayer",
-        (_LlamaLayerAdapter, GradientCheckpointingLayer, base),
+        (DecoderLayerAdapter, GradientCheckpointingLayer, base),
         {"__module__": __name__, "__qualname__": "TELlamaDecoderLayer", "backend": backend,
          "__doc__": f"Llama-family decoder layer on {base.__module__}.{base.__qualname__}."},
     )
