@@ -249,9 +249,8 @@ def unfused_mlp(layer: nn.Module, hidden_states: torch.Tensor, adapters: dict[st
     normed = _rms_norm(hidden_states, mlp.layer_norm_weight, mlp.eps)
     gate_up = fc1(normed, is_first_microbatch)
     ffn = gate_up.shape[-1] // 2
-    gate, up = add_lora(gate_up, normed, [(adapters.get("gate_proj"), ffn), (adapters.get("up_proj"), ffn)]).chunk(
-        2, dim=-1)  # TE's SwiGLU: silu of the first half
-    activation = F.silu(gate) * up
+    gate_up = add_lora(gate_up, normed, [(adapters.get("gate_proj"), ffn), (adapters.get("up_proj"), ffn)])
+    activation = swiglu(layer, gate_up)
     output = fc2(activation, is_first_microbatch)
     if "down_proj" in adapters:
         output = add_lora(output, activation, [(adapters["down_proj"], output.shape[-1])])
@@ -265,15 +264,26 @@ def mlp_linears(layer: nn.Module) -> tuple[Linear, Linear]:
     """fc1 and fc2 of ``layer``'s ``LayerNormMLP`` as separate linear maps over its own parameters."""
     mlp = layer.layernorm_mlp
     if layer.backend == "te":
-        return _te_linears(layer).bound(mlp, layer.training)
+        return _te_steps(layer).bound(mlp, layer.training)
     fc1_bias, fc2_bias = (mlp.fc1_bias, mlp.fc2_bias) if layer.mlp.has_bias else (None, None)
     return (lambda x, _: F.linear(x, mlp.fc1_weight, fc1_bias)), (lambda x, _: F.linear(x, mlp.fc2_weight, fc2_bias))
 
 
-class _TELinears:
-    """Two ``te.Linear`` modules, built without weights of their own, that run on ``LayerNormMLP``'s parameters.
+def swiglu(layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU of the first half of ``gate_up`` times its second half (TE's convention, as in ``LayerNormMLP``). On TE
+    it is TE's kernel (``te.ops.SwiGLU``): one pass each way, and only its input kept for the backward, where torch's
+    ``silu`` and product take two passes forward, three back, and keep ``silu(gate)`` as well."""
+    if layer.backend == "te":
+        return _te_steps(layer).swiglu(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
-    They carry their own FP8 scaling state (amax history) under delayed scaling. They are kept out of the module
+
+class _TEMLPSteps:
+    """Two ``te.Linear`` modules, built without weights of their own, that run on ``LayerNormMLP``'s parameters, and
+    TE's SwiGLU between them.
+
+    The linears carry their own FP8 scaling state (amax history) under delayed scaling. They are kept out of the module
     tree (a plain attribute of the layer), so state dicts, ``.to()`` and optimizers see each parameter once; the
     parameters are bound again at every call, so a moved or replaced parameter is the one used."""
 
@@ -285,6 +295,7 @@ class _TELinears:
         self.bias = bias
         self.fc1 = te.Linear(hidden, 2 * ffn, bias=bias, params_dtype=dtype, device="meta")
         self.fc2 = te.Linear(ffn, hidden, bias=bias, params_dtype=dtype, device="meta")
+        self.swiglu = te.ops.SwiGLU()
 
     def bound(self, mlp: nn.Module, training: bool) -> tuple[Linear, Linear]:
         for linear, prefix in ((self.fc1, "fc1"), (self.fc2, "fc2")):
@@ -296,12 +307,12 @@ class _TELinears:
                 (lambda x, first: self.fc2(x, is_first_microbatch=first)))
 
 
-def _te_linears(layer: nn.Module) -> _TELinears:
-    linears = layer.__dict__.get("_unfused_mlp_linears")
-    if linears is None:
-        linears = _TELinears(layer.layernorm_mlp, bias=layer.mlp.has_bias)
-        object.__setattr__(layer, "_unfused_mlp_linears", linears)
-    return linears
+def _te_steps(layer: nn.Module) -> _TEMLPSteps:
+    steps = layer.__dict__.get("_unfused_mlp_steps")
+    if steps is None:
+        steps = _TEMLPSteps(layer.layernorm_mlp, bias=layer.mlp.has_bias)
+        object.__setattr__(layer, "_unfused_mlp_steps", steps)
+    return steps
 
 
 def has_adapters(layers) -> bool:
