@@ -119,3 +119,27 @@ def test_sft_trainer_with_peft_config_trains_an_hf_named_adapter(tokenizer, docu
     keys = list(__import__("peft").utils.load_peft_weights(str(tmp_path / "adapter")))
     assert any(key.endswith("self_attn.q_proj.lora_A.weight") for key in keys)
     assert any(key.endswith("mlp.down_proj.lora_B.weight") for key in keys)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_trainer_with_trls_default_gradient_checkpointing_trains_as_without(lora, tokenizer, documents, tmp_path):
+    # TRL turns activation checkpointing on by default: the layers then run again in the backward.
+    assert SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).gradient_checkpointing
+    losses, calls = {}, {}
+    for checkpointing in (True, False):
+        model = tiny_model(tokenizer)
+        qkv_calls = []  # an inner module's hooks run again in the recomputation, whichever transformers wraps
+        for layer in model.model.layers:
+            layer.self_attention.layernorm_qkv.register_forward_pre_hook(lambda *_: qkv_calls.append(1))
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+        args = sft_config(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, padding_free=True,
+                          max_length=None)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=documents, processing_class=tokenizer,
+                             peft_config=peft_config)
+        trainer.train()
+        assert model.is_gradient_checkpointing == checkpointing
+        losses[checkpointing] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        calls[checkpointing] = len(qkv_calls)
+    assert calls[True] == 2 * calls[False]  # each layer recomputed once in the backward
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=0)
