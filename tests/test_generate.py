@@ -133,11 +133,19 @@ def test_plain_forwards_make_no_cache(pair):
     assert te.generation_config.use_cache is True
 
 
-def test_fp8_in_eval_generation_with_unaligned_tokens_says_what_to_do(pair):
-    from te_llama import FP8Config, FP8ConfigError
+def test_kv_cache_path_pads_tokens_to_fp8s_alignment_without_changing_the_output(pair, monkeypatch):
+    # FP8 GEMMs need a multiple of 8 tokens (32 for MXFP8); a decode step has one per row. The padding is what FP8
+    # would ask for (the reference backend runs no FP8: the stack's choice is forced here).
+    from te_llama.model.decoder_stack import TEDecoderStack
 
-    _, te = pair
-    settings = te.model.te_settings  # as enable_fp8 sets them, without TE (the check runs before TE is touched)
-    settings.fp8_config, settings.fp8_recipe = FP8Config(recipe="delayed", in_eval=True), object()
-    with pytest.raises(FP8ConfigError, match=r"generate\(\) with FP8Config\(in_eval=True\)"):
-        te.generate(prompt(length=7), max_new_tokens=3, do_sample=False)
+    hf, te = pair
+    ids = prompt(length=7)
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    expected = hf.generate(ids, **kwargs)
+    rows = []
+    for layer in te.model.layers:
+        layer.self_attention.layernorm_qkv.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape))
+    monkeypatch.setattr(TEDecoderStack, "_token_alignment", lambda self, fp8: 8)
+    assert torch.equal(te.generate(ids, **kwargs), expected)
+    assert rows and all(shape[0] % 8 == 0 and len(shape) == 2 for shape in rows)
+    assert {shape[0] for shape in rows} == {8 * -(-ids.shape[0] * 7 // 8), 8}  # the prompt, then 1-token steps

@@ -9,7 +9,8 @@ TRL's fused LM head and Liger-style patches do. One pass (:meth:`TEDecoderStack.
 2. mark fixed-length batches as plain causal, skipping HF's mask creation (:mod:`te_llama.model.masks`), and turn
    padded or packed batches into TE's padding-free ``thd`` stream (:mod:`te_llama.model.packed`), which also pads
    the token count FP8 needs;
-3. check FP8's token-count alignment where no stream does (:func:`te_llama.training.fp8.check_token_alignment`);
+3. check FP8's token-count alignment where no stream pads it (:func:`te_llama.training.fp8.check_token_alignment`),
+   or have the KV-cache path pad it (:class:`te_llama.model.kv_cache.TokenRows`);
 4. record or arm the CUDA graphs (:mod:`te_llama.training.cuda_graphs`);
 5. choose TE's ``is_first_microbatch`` for the FP8 weight cache (:mod:`te_llama.training.weight_cache`);
 6. run HF's forward under ``te.autocast`` with the model's recipe (:func:`te_llama.training.fp8.autocast`).
@@ -32,7 +33,7 @@ from te_llama.model.masks import causal_marker
 from te_llama.model.packed import packed_sequences
 from te_llama.training import cuda_graphs as graphs
 from te_llama.training.distributed import refuse_data_parallel
-from te_llama.training.fp8 import (FP8Config, FP8ConfigError, autocast, check_token_alignment, resolve_recipe_name,
+from te_llama.training.fp8 import (FP8Config, autocast, check_token_alignment, resolve_recipe_name,
                                    token_alignment)
 from te_llama.training.weight_cache import FP8WeightCache
 
@@ -90,8 +91,7 @@ class TEDecoderStack:
 
     def _packed(self, tokens: torch.Tensor, attention_mask, position_ids, kwargs: dict):
         """The batch as TE's padding-free stream, or ``None`` where it is whole rows (:mod:`te_llama.model.packed`)."""
-        settings = self.te_settings
-        alignment = token_alignment(settings.fp8_recipe_name) if settings.fp8_active(self.training) else 1
+        alignment = self._token_alignment(self.te_settings.fp8_active(self.training))
         if attention_mask is None and position_ids is None and kwargs.get("cu_seq_lens_q") is None:
             if tokens.numel() % alignment == 0:
                 return None  # the common training step, decided without reading the data
@@ -104,15 +104,10 @@ class TEDecoderStack:
         settings = self.te_settings
         training = self.training and torch.is_grad_enabled()
         fp8 = settings.fp8_active(self.training)
-        if fp8 and kwargs.get("packed_sequences") is None:
-            try:
-                check_token_alignment(settings.fp8_recipe_name, tokens)
-            except FP8ConfigError as error:
-                if not _uses_cache(kwargs):
-                    raise
-                raise FP8ConfigError(f"{error} generate() with FP8Config(in_eval=True) feeds one token per row at "
-                                     "each step: generate in BF16 (in_eval=False, the default) or with a "
-                                     "batch size divisible by the alignment") from error
+        if _uses_cache(kwargs):  # the KV-cache path pads its tokens for FP8 (kv_cache.TokenRows)
+            kwargs["fp8_token_alignment"] = self._token_alignment(fp8)
+        elif fp8 and kwargs.get("packed_sequences") is None:
+            check_token_alignment(settings.fp8_recipe_name, tokens)
         caches = fp8 and training and settings.cache_fp8_weights
         with ExitStack() as stack:
             stack.enter_context(te_patches.rowwise_weight_cache_scope(caches))  # also while graphs are recorded
@@ -130,6 +125,10 @@ class TEDecoderStack:
             except BaseException:
                 self.fp8_weights_changed()  # the cast this forward was to keep may not have happened
                 raise
+
+    def _token_alignment(self, fp8: bool) -> int:
+        """What this forward's token count must be a multiple of: FP8 GEMMs' alignment, or 1 in BF16."""
+        return token_alignment(self.te_settings.fp8_recipe_name) if fp8 else 1
 
     def _graph_for(self, tokens: torch.Tensor, attention_mask, fp8: bool, caches: bool):
         """The CUDA graph this training forward may replay, recorded first where needed (or ``None``)."""

@@ -38,13 +38,34 @@ def sdpa_mask(hf_mask: torch.Tensor | None, query_length: int) -> tuple[torch.Te
     return allowed | ~allowed.any(dim=-1, keepdim=True), False
 
 
+class TokenRows:
+    """The ``b * s`` tokens of a ``[b, s, ...]`` forward as rows, padded with zero rows to a multiple of
+    ``alignment``: FP8 GEMMs need the token count divisible by 8 (32 for MXFP8), and a decode step has one token per
+    row. Each token's row is computed on its own, so the padding changes no real token's output."""
+
+    def __init__(self, b: int, s: int, alignment: int = 1):
+        self.b, self.s, self.pad = b, s, -(b * s) % alignment
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[b, s, ...]`` as ``[b * s + pad, ...]``."""
+        rows = x.reshape(self.b * self.s, *x.shape[2:])
+        return F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, self.pad)) if self.pad else rows
+
+    def real(self, rows: torch.Tensor) -> torch.Tensor:
+        """The real tokens of ``rows`` back as ``[b, s, ...]``."""
+        return rows[:self.b * self.s].reshape(self.b, self.s, *rows.shape[1:])
+
+
 def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
-                       rotary: RotaryAngles, cache, adapters: dict[str, nn.Module]) -> torch.Tensor:
-    """One decoder layer on ``hidden_states`` ``[b, s, hidden]``, reading and extending ``cache``."""
+                       rotary: RotaryAngles, cache, adapters: dict[str, nn.Module],
+                       token_alignment: int = 1) -> torch.Tensor:
+    """One decoder layer on ``hidden_states`` ``[b, s, hidden]``, reading and extending ``cache``; TE's modules see
+    the tokens padded to ``token_alignment`` (:class:`TokenRows`)."""
     attention = layer.self_attention
     b, s, _ = hidden_states.shape
+    rows = TokenRows(b, s, token_alignment)
     with attention_adapters(attention, adapters):
-        q, k, v = qkv_heads(layer, hidden_states)
+        q, k, v = (rows.real(t) for t in qkv_heads(layer, rows.padded(hidden_states)))
         angles = angles_at(rotary.position_ids.expand(b, s), rotary.inv_freq)[:, :, None, :]  # each row's positions
         q, k = rotate(q, angles), rotate(k, angles)  # float32, as TE's fused RoPE
         keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer.layer_idx)
@@ -53,5 +74,6 @@ def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_
             q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
             dropout_p=layer.attention_dropout if layer.training else 0.0,
             scale=attention.core_attention.softmax_scale)
-        hidden_states = hidden_states + plus_bias(attention.proj(context.transpose(1, 2).reshape(b, s, -1)))
-    return hidden_states + mlp_output(layer, hidden_states, adapters)
+        context = rows.padded(context.transpose(1, 2).reshape(b, s, -1))
+        hidden_states = hidden_states + rows.real(plus_bias(attention.proj(context)))
+    return hidden_states + rows.real(mlp_output(layer, rows.padded(hidden_states), adapters))

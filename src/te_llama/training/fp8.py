@@ -177,7 +177,8 @@ def token_alignment(recipe_name: str) -> int:
 
 def check_token_alignment(recipe_name: str, tokens: torch.Tensor) -> None:
     """FP8 GEMMs need the batch's token count divisible by 8 (32 for MXFP8); a clear error instead of TE's assert.
-    Training and scoring forwards pad inside (:mod:`te_llama.model.packed`); this guards the KV-cache path."""
+    Training, scoring and KV-cache forwards pad inside (:mod:`te_llama.model.packed`,
+    :class:`te_llama.model.kv_cache.TokenRows`); this guards what neither sees (a 4-D attention mask of the caller's)."""
     alignment = token_alignment(recipe_name)
     if tokens is not None and tokens.numel() % alignment:
         raise FP8ConfigError(
