@@ -65,3 +65,27 @@ def test_greedy_tokens_follow_hf_for_a_prefix(pair, record):
         margins.append(margin / (logits.max() - logits.min()).item())
     record(test="greedy_prefix_bf16", equal_prefix_per_row=same, tie_margins=margins)
     assert all(margin < 2e-2 for margin in margins)
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_fp8_generation_pads_one_token_steps_and_stays_near_bf16(pair, recipe, record):
+    """FP8Config(in_eval=True): batch 3 (one token per row a step) runs FP8 GEMMs on rows padded to 8; the cached
+    step's logits stay within FP8's error of the BF16 cached step."""
+    from te_llama import FP8Config
+
+    _, te = pair
+    ids = small_llama.batch(3, size=3, seq=40)
+    with torch.no_grad():
+        prefix = te(input_ids=ids[:, :39], use_cache=True)
+        bf16 = te(input_ids=ids[:, 39:], use_cache=True, past_key_values=prefix.past_key_values).logits
+        te.enable_fp8(FP8Config(recipe=recipe, in_eval=True))
+        try:
+            tokens = te.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            prefix = te(input_ids=ids[:, :39], use_cache=True)
+            fp8 = te(input_ids=ids[:, 39:], use_cache=True, past_key_values=prefix.past_key_values).logits
+        finally:
+            te.disable_fp8()
+    error = _relative(fp8, bf16)
+    record(test=f"fp8_generation_{recipe}", fp8_vs_bf16=error)
+    assert tokens.shape == (3, 46) and torch.isfinite(fp8).all()
+    assert 0 < error < 0.15  # FP8 changed the numbers (it ran), by FP8's error
