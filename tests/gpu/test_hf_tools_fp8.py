@@ -105,24 +105,33 @@ def _relative(a, b):
 
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]], ids=["all-linear", "q-v"])
 def test_lora_on_te_matches_hf_peft_in_bf16(targets, tmp_path, record):
+    """LoRA on TE in BF16 against HF + PEFT in BF16, and both against HF + PEFT in float32: te-llama computes the
+    adapters in BF16 where PEFT keeps them in float32, so each side's gradients are held to the float32 ones."""
     hf, te = _pair(tmp_path)
     torch.manual_seed(1)
     hf_peft = get_peft_model(hf, LoraConfig(**{**LORA, "target_modules": targets, "init_lora_weights": False}))
     hf_peft.save_pretrained(tmp_path / "adapter")
     te_peft = PeftModel.from_pretrained(te, tmp_path / "adapter", is_trainable=True)
+    exact = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).cuda(),
+                                      tmp_path / "adapter", is_trainable=True)
     ids = small_llama.batch(3, size=2, seq=128)
-    grads = []
-    for model in (hf_peft, te_peft):
+    runs = []
+    for model in (exact, hf_peft, te_peft):
         model.train()
         output = model(input_ids=ids, labels=ids)
         output.loss.backward()
-        grads.append((output.loss.item(), {n.replace(".base_model", ""): p.grad.float() for n, p in
-                                           model.named_parameters() if p.requires_grad}))
-    (hf_loss, hf_grads), (te_loss, te_grads) = grads
-    worst = max(_relative(te_grads[name], grad) for name, grad in hf_grads.items())
-    record(test="lora_bf16_vs_hf_peft", targets=str(targets), hf_loss=hf_loss, te_loss=te_loss, worst_grad_rel=worst)
+        runs.append((output.loss.item(), {n.replace(".base_model", ""): p.grad.float() for n, p in
+                                          model.named_parameters() if p.requires_grad}))
+    (_, exact_grads), (hf_loss, hf_grads), (te_loss, te_grads) = runs
+
+    def worst(grads):
+        return max(_relative(grads[name], grad) for name, grad in exact_grads.items())
+
+    hf_worst, te_worst = worst(hf_grads), worst(te_grads)
+    record(test="lora_bf16_vs_hf_peft", targets=str(targets), hf_loss=hf_loss, te_loss=te_loss,
+           hf_worst_grad_rel_to_fp32=hf_worst, te_worst_grad_rel_to_fp32=te_worst)
     assert abs(te_loss - hf_loss) / hf_loss < 2e-3
-    assert worst < 5e-2
+    assert te_worst < max(1.5 * hf_worst, 2e-2)
     assert all(p.grad is None for name, p in te.named_parameters() if "lora_" not in name)  # frozen base
 
 
