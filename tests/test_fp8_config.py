@@ -169,3 +169,23 @@ def test_forward_signature_is_hf_s():
 
     parameters = inspect.signature(TELlamaForCausalLM.from_config(tiny_config()).forward).parameters
     assert {"input_ids", "attention_mask", "position_ids", "labels"} <= set(parameters)
+
+
+def test_fp8_generation_casts_the_weights_once_per_generate_call(fake_te):
+    model = TELlamaForCausalLM.from_config(tiny_config()).eval()
+    fake, _ = fake_te()
+    settings = model.model.te_settings
+    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current", in_eval=True)
+    seen = []  # TE's is_first_microbatch as the first layer received it, one entry per forward
+    model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("is_first_microbatch", "absent")), with_kwargs=True)
+    ids = torch.randint(1, 128, (2, 5))
+    for _ in range(2):  # each call casts anew: the weights may have changed between calls
+        seen.clear()
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        # the prompt casts plainly (delayed scaling has no amax of the weights yet), the first step keeps its cast
+        assert seen == [None, True, False, False]
+    seen.clear()
+    with torch.no_grad():
+        model(ids)  # outside generate(): TE's plain cast, no kept copy
+    assert seen == ["absent"] and settings.generation_forwards is None

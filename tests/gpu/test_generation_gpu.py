@@ -89,3 +89,25 @@ def test_fp8_generation_pads_one_token_steps_and_stays_near_bf16(pair, recipe, r
     record(test=f"fp8_generation_{recipe}", fp8_vs_bf16=error)
     assert tokens.shape == (3, 46) and torch.isfinite(fp8).all()
     assert 0 < error < 0.15  # FP8 changed the numbers (it ran), by FP8's error
+
+
+def test_fp8_generation_reuses_one_weight_cast_with_the_same_tokens(pair, record):
+    """generate() casts the FP8 weights once per call (current scaling: the same bytes as a cast at every step), so
+    its greedy tokens equal a step-by-step loop that casts at every forward; and it runs fewer casts."""
+    from te_llama import FP8Config
+
+    _, te = pair
+    ids = small_llama.batch(4, size=2, seq=24)
+    te.enable_fp8(FP8Config(recipe="current", in_eval=True))
+    try:
+        with torch.no_grad():
+            tokens = te.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            loop, cache = ids, None
+            for _ in range(8):
+                step = te(input_ids=loop if cache is None else loop[:, -1:], use_cache=True, past_key_values=cache)
+                cache = step.past_key_values
+                loop = torch.cat([loop, step.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    finally:
+        te.disable_fp8()
+    record(test="fp8_generation_cast_once", same_tokens=bool(torch.equal(tokens, loop)))
+    assert torch.equal(tokens, loop)

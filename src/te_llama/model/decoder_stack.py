@@ -12,7 +12,8 @@ TRL's fused LM head and Liger-style patches do. One pass (:meth:`TEDecoderStack.
 3. check FP8's token-count alignment where no stream pads it (:func:`te_llama.training.fp8.check_token_alignment`),
    or have the KV-cache path pad it (:class:`te_llama.model.kv_cache.TokenRows`);
 4. record or arm the CUDA graphs (:mod:`te_llama.training.cuda_graphs`);
-5. choose TE's ``is_first_microbatch`` for the FP8 weight cache (:mod:`te_llama.training.weight_cache`);
+5. choose TE's ``is_first_microbatch`` for the FP8 weight cache (:mod:`te_llama.training.weight_cache`), and in
+   ``generate()`` (:meth:`TEDecoderStack.generation_call`);
 6. run HF's forward under ``te.autocast`` with the model's recipe (:func:`te_llama.training.fp8.autocast`).
 """
 
@@ -53,6 +54,8 @@ class StackSettings:
     graph_peers: graphs.GraphPeers = field(default_factory=graphs.GraphPeers)
     cache_fp8_weights: bool = False
     weight_cache: FP8WeightCache | None = None
+    generation_forwards: int | None = None
+    """Forwards so far of the ``generate()`` call in progress, ``None`` outside one (:meth:`generation_call`)."""
 
     def fp8_active(self, training: bool) -> bool:
         """Whether a forward in this mode runs in FP8 (training, or evaluation with ``in_eval``)."""
@@ -109,6 +112,9 @@ class TEDecoderStack:
         elif fp8 and kwargs.get("packed_sequences") is None:
             check_token_alignment(settings.fp8_recipe_name, tokens)
         caches = fp8 and training and settings.cache_fp8_weights
+        if fp8 and not training and settings.generation_forwards is not None:
+            kwargs.setdefault("is_first_microbatch", _generation_cast(settings.generation_forwards))
+            settings.generation_forwards += 1
         with ExitStack() as stack:
             stack.enter_context(te_patches.rowwise_weight_cache_scope(caches))  # also while graphs are recorded
             graph = (self._graph_for(tokens, attention_mask, fp8, caches)
@@ -125,6 +131,17 @@ class TEDecoderStack:
             except BaseException:
                 self.fp8_weights_changed()  # the cast this forward was to keep may not have happened
                 raise
+
+    @contextmanager
+    def generation_call(self):
+        """While open (one ``generate()`` call), FP8 forwards cast the layers' weights once and then reuse the cast:
+        nothing changes the weights between the steps of one call. The cast stays allocated until the next one."""
+        settings = self.te_settings
+        outer, settings.generation_forwards = settings.generation_forwards, 0
+        try:
+            yield
+        finally:
+            settings.generation_forwards = outer
 
     def _token_alignment(self, fp8: bool) -> int:
         """What this forward's token count must be a multiple of: FP8 GEMMs' alignment, or 1 in BF16."""
@@ -154,6 +171,13 @@ class TEDecoderStack:
     def fp8_weights_changed(self) -> None:
         if self.te_settings.weight_cache is not None:
             self.te_settings.weight_cache.weights_changed()
+
+
+def _generation_cast(forward: int) -> bool | None:
+    """TE's ``is_first_microbatch`` for forward number ``forward`` of a ``generate()`` call: the first casts as
+    usual (delayed scaling has no amax of these weights before it, so a cast kept from it would keep scale 1), the
+    second casts and keeps the cast, the others reuse it."""
+    return None if forward == 0 else forward == 1
 
 
 def _forward_of(hf_stack: type):

@@ -58,14 +58,15 @@ class TokenRows:
 
 def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                        rotary: RotaryAngles, cache, adapters: dict[str, nn.Module],
-                       token_alignment: int = 1) -> torch.Tensor:
+                       token_alignment: int = 1, is_first_microbatch: bool | None = None) -> torch.Tensor:
     """One decoder layer on ``hidden_states`` ``[b, s, hidden]``, reading and extending ``cache``; TE's modules see
-    the tokens padded to ``token_alignment`` (:class:`TokenRows`)."""
+    the tokens padded to ``token_alignment`` (:class:`TokenRows`) and cast or reuse their FP8 weights as
+    ``is_first_microbatch`` says."""
     attention = layer.self_attention
     b, s, _ = hidden_states.shape
     rows = TokenRows(b, s, token_alignment)
     with attention_adapters(attention, adapters):
-        q, k, v = (rows.real(t) for t in qkv_heads(layer, rows.padded(hidden_states)))
+        q, k, v = (rows.real(t) for t in qkv_heads(layer, rows.padded(hidden_states), is_first_microbatch))
         angles = angles_at(rotary.position_ids.expand(b, s), rotary.inv_freq)[:, :, None, :]  # each row's positions
         q, k = rotate(q, angles), rotate(k, angles)  # float32, as TE's fused RoPE
         keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer.layer_idx)
@@ -75,5 +76,6 @@ def forward_with_cache(layer: nn.Module, hidden_states: torch.Tensor, attention_
             dropout_p=layer.attention_dropout if layer.training else 0.0,
             scale=attention.core_attention.softmax_scale)
         context = rows.padded(context.transpose(1, 2).reshape(b, s, -1))
-        hidden_states = hidden_states + rows.real(plus_bias(attention.proj(context)))
-    return hidden_states + rows.real(mlp_output(layer, rows.padded(hidden_states), adapters))
+        projected = attention.proj(context, is_first_microbatch=is_first_microbatch)
+        hidden_states = hidden_states + rows.real(plus_bias(projected))
+    return hidden_states + rows.real(mlp_output(layer, rows.padded(hidden_states), adapters, is_first_microbatch))

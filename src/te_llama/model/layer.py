@@ -131,7 +131,7 @@ class DecoderLayerAdapter:
                                "unreduced, differently in every process; train LoRA with DDP (no shard_model)")
         if cache is not None:  # generate(), or any forward with use_cache=True (kv_cache.py)
             return forward_with_cache(self, hidden_states, attention_mask, position_embeddings, cache, adapters,
-                                      kwargs.get("fp8_token_alignment", 1))
+                                      kwargs.get("fp8_token_alignment", 1), kwargs.get("is_first_microbatch"))
         packed = kwargs.get("packed_sequences")
         if packed is not None:  # padded or packed rows, as TE's thd stream (packed.py)
             return forward_packed(self, hidden_states, packed, position_embeddings, adapters,

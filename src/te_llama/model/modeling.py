@@ -268,6 +268,12 @@ class TECausalLM:
             return self._forward_chunked_loss(**kwargs)
         return super().forward(*args, **kwargs)
 
+    def generate(self, *args, **kwargs):
+        """HF's ``generate()``. In FP8 (``FP8Config(in_eval=True)``) the decoder layers' weights are cast to FP8 once
+        per call instead of at every step (:meth:`TEDecoderStack.generation_call`)."""
+        with self.model.generation_call():
+            return super().generate(*args, **kwargs)
+
     # ------------------------------------------------------------------------------------------ CUDA graphs
     def enable_cuda_graphs(self) -> TECausalLM:
         """Replay the decoder layers as CUDA graphs in training steps of one fixed batch shape.
