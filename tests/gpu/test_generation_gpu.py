@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import small_llama
 from te_llama import TELlamaForCausalLM
@@ -26,14 +28,21 @@ def _relative(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+"""What the forward calls its KV cache argument and output (transformers >= 5.20: ``cache``)."""
+
+
+def _cache_of(output):
+    return getattr(output, CACHE)
+
+
 def test_cached_decoding_agrees_with_the_fused_layer_and_hf(pair, record):
     hf, te = pair
     ids = small_llama.batch(1, size=2, seq=64)
     with torch.no_grad():
         fused = te(input_ids=ids).logits
         prefix = te(input_ids=ids[:, :48], use_cache=True)
-        cache = getattr(prefix, "cache", None) or prefix.past_key_values
-        step = te(input_ids=ids[:, 48:], use_cache=True, **{"past_key_values": cache})
+        step = te(input_ids=ids[:, 48:], use_cache=True, **{CACHE: _cache_of(prefix)})
         reference = hf(input_ids=ids).logits
     cached_vs_fused = _relative(step.logits, fused[:, 48:])
     te_vs_hf = _relative(fused, reference)
@@ -75,14 +84,16 @@ def test_fp8_generation_pads_one_token_steps_and_stays_near_bf16(pair, recipe, r
 
     _, te = pair
     ids = small_llama.batch(3, size=3, seq=40)
-    with torch.no_grad():
+    def last_step() -> torch.Tensor:
         prefix = te(input_ids=ids[:, :39], use_cache=True)
-        bf16 = te(input_ids=ids[:, 39:], use_cache=True, past_key_values=prefix.past_key_values).logits
+        return te(input_ids=ids[:, 39:], use_cache=True, **{CACHE: _cache_of(prefix)}).logits
+
+    with torch.no_grad():
+        bf16 = last_step()
         te.enable_fp8(FP8Config(recipe=recipe, in_eval=True))
         try:
             tokens = te.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-            prefix = te(input_ids=ids[:, :39], use_cache=True)
-            fp8 = te(input_ids=ids[:, 39:], use_cache=True, past_key_values=prefix.past_key_values).logits
+            fp8 = last_step()
         finally:
             te.disable_fp8()
     error = _relative(fp8, bf16)
@@ -104,8 +115,8 @@ def test_fp8_generation_reuses_one_weight_cast_with_the_same_tokens(pair, record
             tokens = te.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
             loop, cache = ids, None
             for _ in range(8):
-                step = te(input_ids=loop if cache is None else loop[:, -1:], use_cache=True, past_key_values=cache)
-                cache = step.past_key_values
+                step = te(input_ids=loop if cache is None else loop[:, -1:], use_cache=True, **{CACHE: cache})
+                cache = _cache_of(step)
                 loop = torch.cat([loop, step.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     finally:
         te.disable_fp8()
