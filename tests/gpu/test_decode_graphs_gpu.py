@@ -23,9 +23,12 @@ def model():
 
 
 def _generate(model, ids, mask, **mode):
+    # disable_compile: without decode graphs generate() would torch.compile the forward for a static cache on CUDA;
+    # the comparison is with the eager layers
     torch.manual_seed(5)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0,
-                         cache_implementation="static", return_dict_in_generate=True, output_scores=True, **mode)
+                         cache_implementation="static", disable_compile=True, return_dict_in_generate=True,
+                         output_scores=True, **mode)
     return out.sequences, torch.stack(out.scores, dim=1).float()  # scores: [rows, steps, vocab]
 
 

@@ -46,13 +46,10 @@ class DecodeGraphs:
         """``False``: steps keep their buffers but run their function eagerly instead of a graph (see
         :mod:`te_llama.generation.decode_step`), on any device."""
         self.steps: dict[tuple[int, int, torch.dtype], DecodeStep] = {}
+        self.replays = 0
+        """Decode steps served by a recorded step (replayed, or with ``capture=False`` run on its buffers)."""
         self._stack_call = WholeStackCall()
         self._reported: set[str] = set()
-
-    @property
-    def replays(self) -> int:
-        """Decode steps served by a recorded step (replayed, or with ``capture=False`` run on its buffers)."""
-        return sum(step.replays for step in self.steps.values())
 
     def serves(self, stack, kwargs: dict) -> bool:
         """Whether the decoder layers of this forward on HF's cache (``kwargs``: the decoder stack's) may run as a
@@ -70,6 +67,7 @@ class DecodeGraphs:
         if not self._allows(self._inputs_reason(hidden_states, attention_mask, rotary, cache)):
             return None
         step = self._step_for(hidden_states, attention_mask, rotary, cache)
+        self.replays += 1
         return self._stack_call.computed(step.run(hidden_states, attention_mask, rotary, cache))
 
     def _forward_reason(self, stack, kwargs: dict) -> str | None:
