@@ -1,15 +1,17 @@
 """Shared fixtures: tiny random configs (Llama and the other families) and checkpoints written by plain transformers;
-running a Triton kernel under Triton's interpreter."""
+an HF model and te-llama on the same weights with prompts for generate(); running a Triton kernel under Triton's
+interpreter."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import CONFIG_MAPPING, LlamaConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, LlamaConfig, LlamaModel, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 BASE = dict(
@@ -65,6 +67,36 @@ def hf_checkpoint(tmp_path):
         return directory, model
 
     return make
+
+
+@pytest.fixture(params=[False, True], ids=["no-bias", "bias"])
+def generation_pair(request, hf_checkpoint):
+    """(plain HF ``LlamaForCausalLM``, te-llama on the same weights), 3 layers, fp32, with and without biases, no end
+    token (every generation runs to ``max_new_tokens``)."""
+    from te_llama import TELlamaForCausalLM
+
+    config = tiny_config(num_hidden_layers=3, eos_token_id=None, bos_token_id=None,
+                         attention_bias=request.param, mlp_bias=request.param)
+    directory, hf = hf_checkpoint(config)
+    return hf, TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+
+
+CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+"""The name of the cache argument of forward() and generate(): transformers >= 5.20 calls it ``cache``, 5.17
+``past_key_values``."""
+
+
+def prompt(seed=6, batch=1, length=7):
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(seed=7):
+    """(ids, attention mask) of 3 rows of 9 tokens, the last two left-padded by 3 and 6 (pad id 0)."""
+    ids = prompt(seed, batch=3, length=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 @pytest.fixture

@@ -356,12 +356,14 @@ def test_cached_variant_turns_the_weight_cache_on():
 
 def test_generation_bench_runs_each_row_in_a_process_and_writes_json(tmp_path, capsys):
     out = tmp_path / "generation.json"
-    assert main(["bench", "--generation", "--shapes", "tiny", "--variants", "hf_dynamic,te_bf16",
+    assert main(["bench", "--generation", "--shapes", "tiny", "--variants", "hf_dynamic,te_bf16,te_bf16_graphs",
                  "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {row["variant"]: row for row in report["rows"]}
     assert all(row["status"] == "ok" for row in rows.values()), rows
     assert rows["hf_dynamic"]["speedup_vs_hf_dynamic"] == 1.0 and rows["te_bf16"]["ms_per_token"] > 0
+    # On the CPU the graph's stand-in serves every step after the prompt's: 4 generations of 32 tokens, 3 of 1
+    assert rows["te_bf16_graphs"]["decode_graph_replays"] == 4 * 31
     assert rows["te_bf16"]["time_to_first_token_ms"] > 0 and report["environment"]["gpu"] == "cpu"
     assert main(["bench", "--generation", "--shapes", "A"]) == 2
     assert "unknown generation shape: A" in capsys.readouterr().err

@@ -1,37 +1,11 @@
 """generate() with HF's KV cache: tokens identical to HF (reference backend, fp32) for every decoding mode."""
 
-import inspect
-
 import pytest
 import torch
-from transformers import DynamicCache, LlamaModel, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from conftest import relative_error, tiny_config
-from te_llama import TELlamaForCausalLM
-
-# transformers >= 5.20 calls the cache argument `cache`, 5.17 `past_key_values`
-CACHE = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-@pytest.fixture(params=[False, True], ids=["no-bias", "bias"])
-def pair(request, hf_checkpoint):
-    config = tiny_config(num_hidden_layers=3, eos_token_id=None, bos_token_id=None,
-                         attention_bias=request.param, mlp_bias=request.param)
-    directory, hf = hf_checkpoint(config)
-    return hf, TELlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
-
-
-def prompt(seed=6, batch=1, length=7):
-    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def left_padded(seed=7):
-    ids = prompt(seed, batch=3, length=9)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+from conftest import CACHE, left_padded, prompt, relative_error
 
 
 class Calls:
@@ -42,23 +16,23 @@ class Calls:
         model.model.layers[0].register_forward_pre_hook(lambda module, args: self.lengths.append(args[0].shape[1]))
 
 
-def test_greedy_generation_matches_hf_and_uses_the_cache(pair):
-    hf, te = pair
+def test_greedy_generation_matches_hf_and_uses_the_cache(generation_pair):
+    hf, te = generation_pair
     calls = Calls(te)
     expected = hf.generate(prompt(), max_new_tokens=20, do_sample=False)
     assert torch.equal(te.generate(prompt(), max_new_tokens=20, do_sample=False), expected)
     assert calls.lengths == [7] + [1] * 19  # the prompt once, then one token a step: the cache is used
 
 
-def test_batched_left_padded_generation_matches_hf(pair):
-    hf, te = pair
+def test_batched_left_padded_generation_matches_hf(generation_pair):
+    hf, te = generation_pair
     ids, mask = left_padded()
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(te.generate(ids, **kwargs), hf.generate(ids, **kwargs))
 
 
-def test_without_a_cache_generation_recomputes_and_agrees(pair):
-    _, te = pair
+def test_without_a_cache_generation_recomputes_and_agrees(generation_pair):
+    _, te = generation_pair
     ids, mask = left_padded(8)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(te.generate(ids, use_cache=False, **kwargs), te.generate(ids, **kwargs))
@@ -71,8 +45,8 @@ def test_without_a_cache_generation_recomputes_and_agrees(pair):
     dict(do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2),
     dict(cache_implementation="static", do_sample=False),
 ], ids=["sampling", "beam-search", "beam-sampling", "penalties", "static-cache"])
-def test_decoding_modes_match_hf(pair, mode):
-    hf, te = pair
+def test_decoding_modes_match_hf(generation_pair, mode):
+    hf, te = generation_pair
     ids, mask = left_padded(9)
     outputs = []
     for model in (hf, te):
@@ -81,8 +55,8 @@ def test_decoding_modes_match_hf(pair, mode):
     assert torch.equal(outputs[1], outputs[0])
 
 
-def test_streamer_and_stopping_criteria(pair):
-    hf, te = pair
+def test_streamer_and_stopping_criteria(generation_pair):
+    hf, te = generation_pair
 
     class Collect(BaseStreamer):
         def __init__(self):
@@ -108,8 +82,8 @@ def test_streamer_and_stopping_criteria(pair):
     assert results[1][1] == results[0][1]
 
 
-def test_forward_with_use_cache_returns_the_cache_and_continues_like_hf(pair):
-    hf, te = pair
+def test_forward_with_use_cache_returns_the_cache_and_continues_like_hf(generation_pair):
+    hf, te = generation_pair
     ids = prompt(10, batch=2, length=8)
     outputs = []
     for model in (hf, te):
@@ -125,20 +99,20 @@ def test_forward_with_use_cache_returns_the_cache_and_continues_like_hf(pair):
     assert relative_error(te_second, te_whole[:, 5:]) < 1e-5  # the cached path equals TE's fused one
 
 
-def test_plain_forwards_make_no_cache(pair):
-    _, te = pair
+def test_plain_forwards_make_no_cache(generation_pair):
+    _, te = generation_pair
     with torch.no_grad():
         output = te(input_ids=prompt())
         assert getattr(output, CACHE, None) is None and output.past_key_values is None  # scoring keeps TE's fused layers
     assert te.generation_config.use_cache is True
 
 
-def test_kv_cache_path_pads_tokens_to_fp8s_alignment_without_changing_the_output(pair, monkeypatch):
+def test_kv_cache_path_pads_tokens_to_fp8s_alignment_without_changing_the_output(generation_pair, monkeypatch):
     # FP8 GEMMs need a multiple of 8 tokens (32 for MXFP8); a decode step has one per row. The padding is what FP8
     # would ask for (the reference backend runs no FP8: the stack's choice is forced here).
     from te_llama.model.decoder_stack import TEDecoderStack
 
-    hf, te = pair
+    hf, te = generation_pair
     ids = prompt(length=7)
     kwargs = dict(max_new_tokens=5, do_sample=False)
     expected = hf.generate(ids, **kwargs)

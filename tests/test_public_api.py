@@ -33,5 +33,5 @@ def test_the_package_layout_shows_the_architecture():
     top = sorted(p.name for p in resources.files("te_llama").iterdir() if p.name.endswith(".py"))
     packages = sorted(p.name for p in resources.files("te_llama").iterdir()
                       if p.is_dir() and (p / "__init__.py").is_file())
-    assert packages == ["bench", "checkpoint", "commands", "kernels", "model", "training"]
+    assert packages == ["bench", "checkpoint", "commands", "generation", "kernels", "model", "training"]
     assert len(top) <= 12, top

@@ -5,8 +5,10 @@ forward and one token), decode ms per token and tokens/s over the remaining new 
 weights and prompts; ``min_new_tokens`` equals ``max_new_tokens``, so every row generates the same count.
 
 Variants: ``hf_dynamic`` (HF with its default ``DynamicCache``), ``hf_static_compile`` (HF's fast path: a static
-cache, whose decode step ``generate()`` compiles itself; skipped with the reason where it fails), and ``te_bf16``
-(te-llama with HF's cache, :mod:`te_llama.model.kv_cache`).
+cache, whose decode step ``generate()`` compiles itself; skipped with the reason where it fails), ``te_bf16``
+(te-llama with HF's cache, :mod:`te_llama.model.kv_cache`) and ``te_bf16_graphs`` (te-llama on a static cache, its
+decode step a CUDA graph: :mod:`te_llama.generation.decode_graphs`; on the CPU the graph's eager stand-in, so the
+row only shows that the path runs). Rows of ``te_bf16_graphs`` count the steps the recorded step served.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SHAPES = {
     "8B-b16": GenerationShape(LLAMA3_8B, 32, 16), "8B-b64": GenerationShape(LLAMA3_8B, 32, 64),
     "tiny": GenerationShape(TINY, 2, 2, prompt=16, new_tokens=32),
 }
-VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16")
+VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16", "te_bf16_graphs")
 BASELINE = "hf_dynamic"
 
 
@@ -62,8 +64,12 @@ def build(variant: str, shape: GenerationShape, device: torch.device):
     config = shape.llama_config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    if variant == "te_bf16":
-        return TELlamaForCausalLM.from_config(config, dtype=dtype, device=device).eval()
+    if variant.startswith("te_"):
+        model = TELlamaForCausalLM.from_config(config, dtype=dtype, device=device).eval()
+        if variant == "te_bf16_graphs":
+            model.generation_config.cache_implementation = "static"
+            model.enable_decode_graphs(capture=device.type == "cuda")
+        return model
     config._attn_implementation = "sdpa"
     with default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config).eval()
@@ -103,10 +109,13 @@ def run(variant: str, shape_name: str, repeats: int = 3) -> dict:
     pairs = [(timed_generate(model, ids, 1), timed_generate(model, ids, shape.new_tokens)) for _ in range(repeats)]
     first = min(pair[0] for pair in pairs)
     decode_ms = 1000 * statistics.median(whole - one for one, whole in pairs) / (shape.new_tokens - 1)
-    return {"variant": variant, "shape": shape_name, "status": "ok", "batch": shape.batch, "prompt": shape.prompt,
-            "new_tokens": shape.new_tokens, "time_to_first_token_ms": 1000 * first, "ms_per_token": decode_ms,
-            "tokens_per_s": shape.batch * 1000 / decode_ms,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    row = {"variant": variant, "shape": shape_name, "status": "ok", "batch": shape.batch, "prompt": shape.prompt,
+           "new_tokens": shape.new_tokens, "time_to_first_token_ms": 1000 * first, "ms_per_token": decode_ms,
+           "tokens_per_s": shape.batch * 1000 / decode_ms,
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    if variant == "te_bf16_graphs":  # that the steps ran as the recorded step, not eagerly
+        row["decode_graph_replays"] = model.decode_graph_replays()
+    return row
 
 
 def add_ratios(rows: list[dict]) -> None:

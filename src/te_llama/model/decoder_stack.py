@@ -11,7 +11,8 @@ TRL's fused LM head and Liger-style patches do. One pass (:meth:`TEDecoderStack.
    the token count FP8 needs;
 3. check FP8's token-count alignment where no stream pads it (:func:`te_llama.training.fp8.check_token_alignment`),
    or have the KV-cache path pad it (:class:`te_llama.model.kv_cache.TokenRows`);
-4. record or arm the CUDA graphs (:mod:`te_llama.training.cuda_graphs`);
+4. record or arm the CUDA graphs: the training step's (:mod:`te_llama.training.cuda_graphs`), or on HF's static
+   cache the decode step's (:mod:`te_llama.generation.decode_graphs`);
 5. choose TE's ``is_first_microbatch`` for the FP8 weight cache (:mod:`te_llama.training.weight_cache`), and in
    ``generate()`` (:meth:`TEDecoderStack.generation_call`);
 6. run HF's forward under ``te.autocast`` with the model's recipe (:func:`te_llama.training.fp8.autocast`).
@@ -28,6 +29,7 @@ import torch
 from transformers import LlamaModel, MistralModel, Qwen2Model, Qwen3Model
 
 from te_llama import te_patches
+from te_llama.generation.decode_graphs import DecodeGraphs
 from te_llama.model.adapters import has_adapters
 from te_llama.model.layer import DecoderLayerAdapter
 from te_llama.model.masks import causal_marker
@@ -56,6 +58,7 @@ class StackSettings:
     weight_cache: FP8WeightCache | None = None
     generation_forwards: int | None = None
     """Forwards so far of the ``generate()`` call in progress, ``None`` outside one (:meth:`generation_call`)."""
+    decode_graphs: DecodeGraphs | None = None
 
     def fp8_active(self, training: bool) -> bool:
         """Whether a forward in this mode runs in FP8 (training, or evaluation with ``in_eval``)."""
@@ -89,6 +92,9 @@ class TEDecoderStack:
             if packed is not None:
                 kwargs["packed_sequences"] = packed
             attention_mask = causal_marker(*tokens.shape)  # the layers need no HF mask (and HF no host sync)
+        decode_graphs = self.te_settings.decode_graphs
+        if decode_graphs is not None and _uses_cache(kwargs) and decode_graphs.serves(self, kwargs):
+            kwargs["decode_graphs"] = decode_graphs  # HF hands it on to every decoder layer
         with self._decoder_pass(tokens, attention_mask, kwargs):
             return super().forward(input_ids, attention_mask, position_ids, *args, **kwargs)
 

@@ -120,6 +120,12 @@ class DecoderLayerAdapter:
         cache = kwargs.pop("cache", None)
         if cache is None:  # transformers < 5.20 names it past_key_values
             cache = kwargs.pop("past_key_values", None)
+        decode_graphs = kwargs.get("decode_graphs")  # a generate() decode step (te_llama.generation.decode_graphs)
+        if decode_graphs is not None and cache is not None:
+            output = decode_graphs.layer_forward(self.layer_idx, hidden_states, attention_mask, position_embeddings,
+                                                 cache)
+            if output is not None:
+                return output
         if not isinstance(position_embeddings, RotaryAngles):
             raise TypeError(
                 "TELlamaDecoderLayer expects position_embeddings from te_llama.model.rope.TERotaryEmbedding; build the "

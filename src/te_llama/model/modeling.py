@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from te_llama import te_patches
 from te_llama.backend import default_device, resolve_backend
 from te_llama.checkpoint.files import CheckpointError, weight_files, write_checkpoint
+from te_llama.generation.decode_graphs import DecodeGraphs
 from te_llama.training.cuda_graphs import CudaGraphError, GraphPeers, release_layer_graphs
 from te_llama.training.distributed import is_sharded, several_processes
 from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
@@ -321,6 +322,46 @@ class TECausalLM:
         """How many forwards of the first decoder layer replayed its graph since the graphs were last recorded."""
         graph = self.model.layers[0].cuda_graph
         return 0 if graph is None else graph.replays_done
+
+    # ---------------------------------------------------------------------------------- decode CUDA graphs
+    def enable_decode_graphs(self, capture: bool = True) -> TECausalLM:
+        """Replay ``generate()``'s decode steps on HF's static cache as CUDA graphs.
+
+        Applies where ``generate()`` runs on a ``StaticCache`` (``cache_implementation="static"``, or one passed as
+        ``past_key_values``) on a CUDA device, without gradients: the decoder layers of each step with one new
+        token per row are recorded at the first such step of every (batch size, cache length, dtype) and replayed
+        afterwards. The prompt's forward, other caches and the cases in :mod:`te_llama.generation.decode_graphs`
+        run eagerly, the log saying why once. Each recorded step keeps a static cache's keys and values until
+        :meth:`disable_decode_graphs`.
+
+        ``capture=False`` records no graph and runs each step's function on its buffers eagerly: the same buffer
+        handling on any device, for tests and the CPU path of ``te-llama bench --generation``."""
+        if is_sharded(self):
+            raise CudaGraphError("decode graphs cannot be combined with FSDP2 (the model is sharded): FSDP gathers "
+                                 "the weights into new memory at every forward, which a recorded graph cannot follow")
+        self.disable_decode_graphs()
+        self.model.te_settings.decode_graphs = DecodeGraphs(self.model.layers, capture)
+        return self
+
+    def disable_decode_graphs(self) -> TECausalLM:
+        """Run the decode steps eagerly again and free the recorded steps' memory."""
+        settings = self.model.te_settings
+        if settings.decode_graphs is not None:
+            settings.decode_graphs.release()
+        settings.decode_graphs = None
+        return self
+
+    def decode_graph_replays(self) -> int:
+        """How many decode steps ran as a recorded step since :meth:`enable_decode_graphs`."""
+        decode_graphs = self.model.te_settings.decode_graphs
+        return 0 if decode_graphs is None else decode_graphs.replays
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        # generate() compiles the forward for a static cache on CUDA; with decode graphs the step is te-llama's
+        # own graph, which dynamo would trace through instead of replaying
+        if self.model.te_settings.decode_graphs is not None:
+            return False
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _chunked_loss_applies(self, args: tuple, kwargs: dict) -> bool:
         # Training with labels, where nobody reads the logits: the Trainer's and a plain loop's training step.

@@ -51,7 +51,6 @@ eager DDP's bit for bit (``tests/gpu/test_multi_gpu.py``; timings in ``docs/mult
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,6 +58,7 @@ import torch
 
 from te_llama.training.distributed import host_group, on_any_process
 from te_llama.model.masks import is_causal_marker
+from te_llama.model.whole_stack_call import WholeStackCall
 
 logger = logging.getLogger("te_llama")
 
@@ -108,7 +108,7 @@ class StackGraph:
         self.replays_done = 0
         self.armed = False
         """Set by the model's forward for its own call of the layers (see the module docstring)."""
-        self._output = None  # weak reference to the last replay's output, which the later layers hand on
+        self._stack_call = WholeStackCall()  # the layers after the first hand the replay's output on
         self._reported: set[str] = set()  # reasons for eager training forwards already logged
 
     def replays(self, hidden_states: torch.Tensor, mask_type: str) -> bool:
@@ -157,7 +157,7 @@ class StackGraph:
         ``is_first_microbatch``: TE's argument (``False``: reuse the cached FP8 weights; ``None`` or ``True``:
         cast them), see :mod:`te_llama.training.weight_cache`."""
         if layer_idx == 0:
-            self._output = None
+            self._stack_call.start()
             if not self.replays(hidden_states, mask_type):
                 return None
             self.replays_done += 1
@@ -165,9 +165,8 @@ class StackGraph:
             output = hidden_states
             for call in self.calls:
                 output = call(output, rotary_pos_emb=rotary_pos_emb, **cache)
-            self._output = weakref.ref(output)
-            return output
-        if self._output is not None and self._output() is hidden_states:
+            return self._stack_call.computed(output)
+        if self._stack_call.hands_on(hidden_states):
             return hidden_states  # this layer ran inside the replay of the first layer's call
         return None
 
