@@ -356,10 +356,12 @@ def test_cached_variant_turns_the_weight_cache_on():
 
 def test_generation_bench_runs_each_row_in_a_process_and_writes_json(tmp_path, capsys):
     out = tmp_path / "generation.json"
-    assert main(["bench", "--generation", "--shapes", "tiny", "--variants", "hf_dynamic,te_bf16,te_bf16_graphs",
-                 "--output", str(out)]) == 0
+    assert main(["bench", "--generation", "--shapes", "tiny", "--variants",
+                 "hf_dynamic,te_bf16,te_bf16_graphs,te_fp8_current", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {row["variant"]: row for row in report["rows"]}
+    assert rows.pop("te_fp8_current") == {"variant": "te_fp8_current", "shape": "tiny", "status": "skipped",
+                                          "reason": "FP8 needs a GPU"}
     assert all(row["status"] == "ok" for row in rows.values()), rows
     assert rows["hf_dynamic"]["speedup_vs_hf_dynamic"] == 1.0 and rows["te_bf16"]["ms_per_token"] > 0
     # On the CPU the graph's stand-in serves every step after the prompt's: 4 generations of 32 tokens, 3 of 1

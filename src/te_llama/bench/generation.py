@@ -8,7 +8,9 @@ Variants: ``hf_dynamic`` (HF with its default ``DynamicCache``), ``hf_static_com
 cache, whose decode step ``generate()`` compiles itself; skipped with the reason where it fails), ``te_bf16``
 (te-llama with HF's cache, :mod:`te_llama.model.kv_cache`) and ``te_bf16_graphs`` (te-llama on a static cache, its
 decode step a CUDA graph: :mod:`te_llama.generation.decode_graphs`; on the CPU the graph's eager stand-in, so the
-row only shows that the path runs). Rows of ``te_bf16_graphs`` count the steps the recorded step served.
+row only shows that the path runs), and ``te_fp8_current`` (te-llama in FP8 with current scaling, ``in_eval=True``,
+on HF's cache: the weights cast to FP8 once per ``generate()`` call; a GPU's only). Rows of ``te_bf16_graphs`` count
+the steps the recorded step served.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ SHAPES = {
     "8B-b16": GenerationShape(LLAMA3_8B, 32, 16), "8B-b64": GenerationShape(LLAMA3_8B, 32, 64),
     "tiny": GenerationShape(TINY, 2, 2, prompt=16, new_tokens=32),
 }
-VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16", "te_bf16_graphs")
+VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16", "te_bf16_graphs", "te_fp8_current")
+FP8_VARIANTS = ("te_fp8_current",)
 BASELINE = "hf_dynamic"
 
 
@@ -60,12 +63,14 @@ def build(variant: str, shape: GenerationShape, device: torch.device):
     from transformers import LlamaForCausalLM
 
     from te_llama.model.modeling import TELlamaForCausalLM, default_dtype
+    from te_llama.training.fp8 import FP8Config
 
     config = shape.llama_config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if variant.startswith("te_"):
-        model = TELlamaForCausalLM.from_config(config, dtype=dtype, device=device).eval()
+        fp8 = FP8Config(recipe="current", in_eval=True) if variant in FP8_VARIANTS else None
+        model = TELlamaForCausalLM.from_config(config, dtype=dtype, device=device, fp8=fp8).eval()
         if variant == "te_bf16_graphs":
             model.generation_config.cache_implementation = "static"
             model.enable_decode_graphs(capture=device.type == "cuda")
@@ -98,6 +103,8 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
 def run(variant: str, shape_name: str, repeats: int = 3) -> dict:
     shape = SHAPES[shape_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if variant in FP8_VARIANTS and device.type != "cuda":
+        return {"variant": variant, "shape": shape_name, "status": "skipped", "reason": "FP8 needs a GPU"}
     model = build(variant, shape, device)
     ids = torch.randint(1, shape.config["vocab_size"], (shape.batch, shape.prompt), device=device,
                         generator=torch.Generator(device).manual_seed(1))
