@@ -45,7 +45,7 @@ def test_left_padded_batch_matches_hf_and_eager(generation_pair, mode):
     assert torch.equal(eager, expected) and torch.equal(graphs, expected)
     assert te.decode_graph_replays() == 9  # every step after the prompt's
     rows = 3 * mode.get("num_beams", 1)
-    assert list(te.model.te_settings.decode_graphs.steps) == [(rows, 18, torch.float32)]  # the prompt and 10 tokens but the last
+    assert list(te.model.te_settings.decode_graphs.steps) == [(rows, 18, torch.float32, None)]  # the prompt and 10 tokens but the last
 
 
 def test_batch_one_then_a_new_prompt_reuses_the_step_and_another_batch_records_one(generation_pair):
@@ -53,7 +53,7 @@ def test_batch_one_then_a_new_prompt_reuses_the_step_and_another_batch_records_o
     expected, eager, graphs = generate_both(hf, te, prompt(), max_new_tokens=12, do_sample=False)
     assert torch.equal(eager, expected) and torch.equal(graphs, expected)
     steps = te.model.te_settings.decode_graphs.steps
-    first = steps[(1, 18, torch.float32)]
+    first = steps[(1, 18, torch.float32, None)]
     other = prompt(seed=11)  # same length: generate() makes a new StaticCache of the same size
     assert torch.equal(te.generate(other, max_new_tokens=12, do_sample=False, **STATIC),
                        hf.generate(other, max_new_tokens=12, do_sample=False, **STATIC))
@@ -61,7 +61,7 @@ def test_batch_one_then_a_new_prompt_reuses_the_step_and_another_batch_records_o
     ids, mask = left_padded(seed=12)
     two = dict(attention_mask=mask[:2], max_new_tokens=12, do_sample=False, **STATIC)
     assert torch.equal(te.generate(ids[:2], **two), hf.generate(ids[:2], **two))
-    assert list(steps) == [(1, 18, torch.float32), (2, 20, torch.float32)] and te.decode_graph_replays() == 33
+    assert list(steps) == [(1, 18, torch.float32, None), (2, 20, torch.float32, None)] and te.decode_graph_replays() == 33
 
 
 def test_a_dynamic_cache_never_enters_the_graph_path(generation_pair, caplog):
@@ -85,7 +85,7 @@ def test_a_static_cache_passed_in_serves_decoding_and_the_prefill_stays_eager(ge
     out = te.generate(prompt(), max_new_tokens=8, **{CACHE: cache}, do_sample=False, pad_token_id=0)
     assert torch.equal(out, hf.generate(prompt(), max_new_tokens=8, do_sample=False, **STATIC))
     assert entries.count == 7 and te.decode_graph_replays() == 7  # not the prompt's forward
-    assert cache.layers[0].keys is te.model.te_settings.decode_graphs.steps[(1, 24, torch.float32)].memory.layers[0][
+    assert cache.layers[0].keys is te.model.te_settings.decode_graphs.steps[(1, 24, torch.float32, None)].memory.layers[0][
         "keys"]
 
 
@@ -137,11 +137,11 @@ def test_a_step_whose_weights_moved_is_recorded_again(generation_pair):
     hf, te = generation_pair
     te.enable_decode_graphs(capture=False)
     te.generate(prompt(), max_new_tokens=6, do_sample=False, **STATIC)
-    first = te.model.te_settings.decode_graphs.steps[(1, 12, torch.float32)]
+    first = te.model.te_settings.decode_graphs.steps[(1, 12, torch.float32, None)]
     proj = te.model.layers[1].self_attention.proj
     proj.weight = torch.nn.Parameter(proj.weight.detach().clone())  # new memory, same values
     out = te.generate(prompt(), max_new_tokens=6, do_sample=False, **STATIC)
-    assert te.model.te_settings.decode_graphs.steps[(1, 12, torch.float32)] is not first
+    assert te.model.te_settings.decode_graphs.steps[(1, 12, torch.float32, None)] is not first
     assert torch.equal(out, hf.generate(prompt(), max_new_tokens=6, do_sample=False, **STATIC))
 
 

@@ -189,3 +189,48 @@ def test_fp8_generation_casts_the_weights_once_per_generate_call(fake_te):
     with torch.no_grad():
         model(ids)  # outside generate(): TE's plain cast, no kept copy
     assert seen == ["absent"] and settings.generation_forwards is None
+
+
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_fp8_decode_graphs_replay_after_each_calls_weight_cast_with_current_scaling_only(fake_te, recipe):
+    model = TELlamaForCausalLM.from_config(tiny_config()).eval()
+    ids = torch.randint(1, 128, (1, 5))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(ids, **kwargs)  # without FP8 and graphs (the stand-in TE changes no number)
+    fake_te()
+    settings = model.model.te_settings
+    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe=recipe, in_eval=True)
+    model.enable_decode_graphs(capture=False)
+    seen = []  # (is_first_microbatch, rows TE's qkv got) per forward of the first layer
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("is_first_microbatch")), with_kwargs=True)
+    rows = []
+    layer.self_attention.layernorm_qkv.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    for call in range(2):
+        assert torch.equal(model.generate(ids, **kwargs), expected)
+        assert seen[-6:] == [None, True, False, False, False, False]
+    if recipe == "current":  # the prompt, then each call's casting step eagerly; the others as the recorded step
+        assert model.decode_graph_replays() == 2 * 4
+        assert list(settings.decode_graphs.steps) == [(1, 10, torch.float32, "current")]
+        assert set(rows) == {8}  # the 5-token prompt and the 1-token steps, padded for FP8's GEMMs
+    else:
+        assert model.decode_graph_replays() == 0
+
+
+def test_a_recorded_fp8_decode_step_is_recorded_again_when_te_replaces_a_kept_weight_cast(fake_te):
+    model = TELlamaForCausalLM.from_config(tiny_config()).eval()
+    fake_te()
+    settings = model.model.te_settings
+    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current", in_eval=True)
+    qkv = model.model.layers[0].self_attention.layernorm_qkv
+    qkv._fp8_workspaces = {"weight": object()}  # as TE keeps a cast; the reference module keeps none
+    model.enable_decode_graphs(capture=False)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    ids = torch.randint(1, 128, (1, 5))
+    model.generate(ids, **kwargs)
+    first = settings.decode_graphs.steps[(1, 9, torch.float32, "current")]
+    model.generate(ids, **kwargs)
+    assert settings.decode_graphs.steps[(1, 9, torch.float32, "current")] is first  # the same cast: replayed
+    qkv._fp8_workspaces["weight"] = object()  # TE made a new cast (another recipe or usage)
+    model.generate(ids, **kwargs)
+    assert settings.decode_graphs.steps[(1, 9, torch.float32, "current")] is not first

@@ -77,7 +77,7 @@ def test_greedy_graph_replays_give_the_eager_static_cache_tokens(model, record):
     eager, graphs, again, replays, steps = _eager_then_graphs(model, ids, mask, do_sample=False)
     comparison = _compare(eager, graphs, 32)
     record(test="decode_graphs_bf16_greedy", rows=comparison, replays=replays)
-    assert replays == 2 * (NEW_TOKENS - 1) and steps == [(4, 32 + NEW_TOKENS - 1, torch.bfloat16)]
+    assert replays == 2 * (NEW_TOKENS - 1) and steps == [(4, 32 + NEW_TOKENS - 1, torch.bfloat16, None)]
     assert torch.equal(again[0], graphs[0]) and torch.equal(again[1], graphs[1])  # replays repeat exactly
     # The same kernels on the same inputs: identical in practice. Allowed: BF16 rounding noise in the logits, and a
     # token that parts only where eager's own logits are within that noise of a tie.
@@ -92,7 +92,7 @@ def test_beam_search_reorders_the_adopted_cache_like_eager(model, record):
     difference = (eager[1] - graphs[1])[finite].abs().max().item()
     record(test="decode_graphs_bf16_beam_search", equal=torch.equal(eager[0], graphs[0]),
            max_score_difference=difference, replays=replays)
-    assert replays == 2 * (NEW_TOKENS - 1) and steps == [(8, 32 + NEW_TOKENS - 1, torch.bfloat16)]
+    assert replays == 2 * (NEW_TOKENS - 1) and steps == [(8, 32 + NEW_TOKENS - 1, torch.bfloat16, None)]
     assert torch.equal(again[0], graphs[0])
     # Each step copies the reordered cache back into the step's memory; the beams then see eager's keys and values,
     # the same numbers, so the beams' choices (exact comparisons of scores) are eager's.
@@ -112,3 +112,22 @@ def test_batch_one_replays_and_a_dynamic_cache_stays_eager(model):
     model.disable_decode_graphs()
     comparison = _compare(eager, graphs, 16)
     assert comparison[0]["max_logit_difference"] < 1e-2 and (comparison[0]["tie_margin"] or 0) < 1e-2, comparison
+
+
+def test_fp8_current_scaling_decode_steps_replay_on_the_kept_weight_cast(model, record):
+    """FP8 (current scaling, in_eval): each call's first decode step casts the weights eagerly, the later steps replay
+    the recorded step on that cast; the same kernels and the same FP8 weights as the eager run."""
+    from te_llama import FP8Config
+
+    ids, mask = _left_padded()
+    model.enable_fp8(FP8Config(recipe="current", in_eval=True))
+    try:
+        eager, graphs, again, replays, steps = _eager_then_graphs(model, ids, mask, do_sample=False)
+    finally:
+        model.disable_fp8()
+    comparison = _compare(eager, graphs, 32)
+    record(test="decode_graphs_fp8_current_greedy", rows=comparison, replays=replays)
+    assert replays == 2 * (NEW_TOKENS - 2) and steps == [(4, 32 + NEW_TOKENS - 1, torch.bfloat16, "current")]
+    assert torch.equal(again[0], graphs[0]) and torch.equal(again[1], graphs[1])
+    assert all(row["max_logit_difference"] < 1e-2 for row in comparison), comparison
+    assert all(row["tie_margin"] is None or row["tie_margin"] < 1e-2 for row in comparison), comparison

@@ -7,13 +7,16 @@ mask (host-side work on data, kept out of the graph), then the layers, the final
 layer's call replays the step and the others hand its output on (:mod:`te_llama.model.whole_stack_call`).
 
 A step is recorded at the first decode step (one new token per row) of each (batch size, static cache length,
-dtype) and replayed at every later one, in this ``generate()`` call and the next. A decode step runs eagerly, as
-without graphs, where:
+dtype, FP8 recipe) and replayed at every later one, in this ``generate()`` call and the next. In FP8 with current
+scaling (``FP8Config(recipe="current", in_eval=True)``) a step records the FP8 GEMMs on the weights' FP8 cast that
+``generate()`` keeps (:meth:`te_llama.model.decoder_stack.TEDecoderStack.generation_call`): the first decode step of
+each call runs eagerly and casts them anew, in place, so the recorded step reads this call's weights; the tokens are
+padded to FP8's alignment as eagerly. A decode step runs eagerly, as without graphs, where:
 
 - the cache is not a ``StaticCache`` of full-attention layers on the GPU (a ``DynamicCache``, a sliding window,
   offloading), or the model is not on a CUDA device;
-- gradients are enabled or the model is in training mode; FP8 runs in evaluation (``FP8Config(in_eval=True)``: TE
-  updates FP8's scaling state in Python at every forward, which a replay would skip); ``torch.autocast`` is on;
+- gradients are enabled or the model is in training mode; FP8 with another recipe than current scaling (delayed
+  scaling's amax history is updated in Python at every forward, which a replay would skip); ``torch.autocast`` is on;
 - PEFT adapters are on the layers, the batch is packed, or the forward asks for per-layer outputs
   (``output_hidden_states``, ``output_attentions``);
 - HF's attention mask or position ids have another shape than a recorded step takes.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -37,15 +41,26 @@ from te_llama.model.whole_stack_call import WholeStackCall
 logger = logging.getLogger("te_llama")
 
 
+@dataclass(frozen=True)
+class FP8Step:
+    """How a decode step's forward runs in FP8: its recipe, the token alignment its GEMMs need, and TE's
+    ``is_first_microbatch`` that ``generate()`` chose for it (``False``: the kept FP8 cast of the weights is current)."""
+
+    recipe_name: str
+    token_alignment: int
+    is_first_microbatch: bool | None
+
+
 class DecodeGraphs:
-    """A model's recorded decode steps, one per (batch size, static cache length, dtype), and when they run."""
+    """A model's recorded decode steps, one per (batch size, static cache length, dtype, FP8 recipe), and when they
+    run."""
 
     def __init__(self, layers, capture: bool = True):
         self.layers = layers
         self.capture = capture
         """``False``: steps keep their buffers but run their function eagerly instead of a graph (see
         :mod:`te_llama.generation.decode_step`), on any device."""
-        self.steps: dict[tuple[int, int, torch.dtype], DecodeStep] = {}
+        self.steps: dict[tuple[int, int, torch.dtype, str | None], DecodeStep] = {}
         self.replays = 0
         """Decode steps served by a recorded step (replayed, or with ``capture=False`` run on its buffers)."""
         self._stack_call = WholeStackCall()
@@ -56,25 +71,30 @@ class DecodeGraphs:
         recorded step; the layers check the rest (:meth:`layer_forward`)."""
         return self._allows(self._forward_reason(stack, kwargs))
 
-    def layer_forward(self, layer_idx: int, hidden_states: torch.Tensor, attention_mask, rotary,
-                      cache) -> torch.Tensor | None:
-        """The output of decoder layer ``layer_idx`` from a recorded step, or ``None``: the layer runs eagerly."""
+    def layer_forward(self, layer_idx: int, hidden_states: torch.Tensor, attention_mask, rotary, cache,
+                      fp8: FP8Step | None = None) -> torch.Tensor | None:
+        """The output of decoder layer ``layer_idx`` from a recorded step, or ``None``: the layer runs eagerly.
+        ``fp8``: this forward runs in FP8 (current scaling) and how."""
         if layer_idx > 0:
             return hidden_states if self._stack_call.hands_on(hidden_states) else None
         self._stack_call.start()
         if hidden_states.shape[1] != 1:
             return None  # the prefill
+        if fp8 is not None and fp8.is_first_microbatch is not False:
+            return None  # this forward casts the FP8 weights (the call's first decode step): eagerly, in place
         if not self._allows(self._inputs_reason(hidden_states, attention_mask, rotary, cache)):
             return None
-        step = self._step_for(hidden_states, attention_mask, rotary, cache)
+        step = self._step_for(hidden_states, attention_mask, rotary, cache, fp8)
         self.replays += 1
         return self._stack_call.computed(step.run(hidden_states, attention_mask, rotary, cache))
 
     def _forward_reason(self, stack, kwargs: dict) -> str | None:
         if stack.training or torch.is_grad_enabled():
             return "a forward with gradients or in training mode"
-        if stack.te_settings.fp8_active(stack.training):
-            return "FP8 in evaluation (FP8Config(in_eval=True)), whose scaling state TE updates in Python"
+        settings = stack.te_settings
+        if settings.fp8_active(stack.training) and settings.fp8_recipe_name != "current":
+            return (f"FP8 with the {settings.fp8_recipe_name} recipe, whose scaling state TE updates in Python at "
+                    "every forward (FP8 decode steps are recorded with current scaling)")
         if torch.is_autocast_enabled("cuda"):
             return "torch.autocast is on"
         if kwargs.get("packed_sequences") is not None or kwargs.get("cu_seq_lens_q") is not None:
@@ -105,18 +125,23 @@ class DecodeGraphs:
             return f"position ids of shape {tuple(rotary.position_ids.shape)} for a batch of {batch}"
         return None
 
-    def _step_for(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, rotary, cache) -> DecodeStep:
-        key = (hidden_states.shape[0], cache_length(cache), hidden_states.dtype)
+    def _step_for(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, rotary, cache,
+                  fp8: FP8Step | None) -> DecodeStep:
+        key = (hidden_states.shape[0], cache_length(cache), hidden_states.dtype, fp8 and fp8.recipe_name)
         step = self.steps.get(key)
         if step is not None and not step.memory.holds(cache) and step.weights_moved():
             logger.info("the decoder's parameters moved since the decode step was recorded; recording it again")
             step = None
+        if step is not None and fp8 is not None and step.fp8_casts_replaced():
+            logger.info("TE replaced the FP8 weight casts the decode step was recorded on; recording it again")
+            step = None
         if step is None:
-            step = DecodeStep(self.layers, cache, hidden_states, attention_mask, rotary, self.capture)
+            step = DecodeStep(self.layers, cache, hidden_states, attention_mask, rotary, self.capture,
+                              fp8.token_alignment if fp8 else 1)
             self.steps[key] = step
-            logger.info("recorded the decode step %sfor batches of %d rows on a static cache of %d tokens (%s)",
+            logger.info("recorded the decode step %sfor batches of %d rows on a static cache of %d tokens (%s%s)",
                         "" if self.capture else "(without a CUDA graph) ", key[0], key[1],
-                        str(key[2]).removeprefix("torch."))
+                        str(key[2]).removeprefix("torch."), f", FP8 {key[3]}" if key[3] else "")
         return step
 
     def _allows(self, reason: str | None) -> bool:

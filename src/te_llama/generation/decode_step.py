@@ -31,12 +31,22 @@ def _addresses(layers) -> tuple[int, ...]:
     return tuple(t.data_ptr() for layer in layers for t in (*layer.parameters(), *layer.buffers()))
 
 
+def _fp8_casts(layers) -> tuple:
+    """The FP8 weight casts TE keeps for the layers' modules (TE's ``_fp8_workspaces``, what ``is_first_microbatch``
+    writes and reuses). TE updates a kept cast in place, but replaces it where its quantizer changed (another recipe,
+    a backward's usage): a recorded FP8 step reads the casts it was recorded with."""
+    return tuple(cast for layer in layers for module in layer.modules()
+                 for cast in getattr(module, "_fp8_workspaces", {}).values())
+
+
 class DecodeStep:
     """The decode step for one (batch size, static cache length, dtype): its buffers, and its graph on CUDA."""
 
     def __init__(self, layers, cache, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
-                 rotary: RotaryAngles, capture: bool):
+                 rotary: RotaryAngles, capture: bool, fp8_token_alignment: int = 1):
         self.layers = list(layers)
+        self.fp8_token_alignment = fp8_token_alignment
+        """1 in BF16; in FP8 the rows TE's GEMMs get are padded to it, and they read the kept FP8 weight cast."""
         self.memory = CacheMemory(cache)
         batch = hidden_states.shape[0]
         self.hidden_states = hidden_states.clone()
@@ -48,11 +58,17 @@ class DecodeStep:
         self.replays = 0
         self.graph = None
         self.output = self._record(cache) if capture else torch.empty_like(self.hidden_states)
+        self.fp8_casts = _fp8_casts(self.layers) if fp8_token_alignment > 1 else ()
 
     def weights_moved(self) -> bool:
         """Whether a decoder parameter now lives elsewhere than when the graph was recorded (``model.to()``,
         ``load_state_dict(assign=True)``): the graph would read freed memory."""
         return _addresses(self.layers) != self.weights
+
+    def fp8_casts_replaced(self) -> bool:
+        """Whether TE replaced a kept FP8 weight cast this (FP8) step was recorded on."""
+        casts = _fp8_casts(self.layers) if self.fp8_casts else ()
+        return len(casts) != len(self.fp8_casts) or any(a is not b for a, b in zip(casts, self.fp8_casts))
 
     def run(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, rotary: RotaryAngles,
             cache) -> torch.Tensor:
@@ -74,8 +90,11 @@ class DecodeStep:
         step's buffers."""
         rotary = RotaryAngles(self.inv_freq, self.positions)
         hidden_states = self.hidden_states
+        fp8 = self.fp8_token_alignment > 1
         for layer in self.layers:
-            hidden_states = forward_with_cache(layer, hidden_states, self.attention_mask, rotary, cache, adapters={})
+            hidden_states = forward_with_cache(layer, hidden_states, self.attention_mask, rotary, cache, adapters={},
+                                               token_alignment=self.fp8_token_alignment,
+                                               is_first_microbatch=False if fp8 else None)
         return hidden_states
 
     def _record(self, cache) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from transformers import LlamaModel, MistralModel, Qwen2Model, Qwen3Model
 
 from te_llama import te_patches
-from te_llama.generation.decode_graphs import DecodeGraphs
+from te_llama.generation.decode_graphs import DecodeGraphs, FP8Step
 from te_llama.model.adapters import has_adapters
 from te_llama.model.layer import DecoderLayerAdapter
 from te_llama.model.masks import causal_marker
@@ -121,6 +121,9 @@ class TEDecoderStack:
         if fp8 and not training and settings.generation_forwards is not None:
             kwargs.setdefault("is_first_microbatch", _generation_cast(settings.generation_forwards))
             settings.generation_forwards += 1
+        if fp8 and kwargs.get("decode_graphs") is not None:  # what a recorded FP8 decode step needs to know
+            kwargs["fp8_decode_step"] = FP8Step(settings.fp8_recipe_name, kwargs["fp8_token_alignment"],
+                                                kwargs.get("is_first_microbatch"))
         with ExitStack() as stack:
             stack.enter_context(te_patches.rowwise_weight_cache_scope(caches))  # also while graphs are recorded
             graph = (self._graph_for(tokens, attention_mask, fp8, caches)

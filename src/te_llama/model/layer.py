@@ -123,7 +123,7 @@ class DecoderLayerAdapter:
         decode_graphs = kwargs.get("decode_graphs")  # a generate() decode step (te_llama.generation.decode_graphs)
         if decode_graphs is not None and cache is not None:
             output = decode_graphs.layer_forward(self.layer_idx, hidden_states, attention_mask, position_embeddings,
-                                                 cache)
+                                                 cache, kwargs.get("fp8_decode_step"))
             if output is not None:
                 return output
         if not isinstance(position_embeddings, RotaryAngles):
