@@ -8,9 +8,9 @@ Variants: ``hf_dynamic`` (HF with its default ``DynamicCache``), ``hf_static_com
 cache, whose decode step ``generate()`` compiles itself; skipped with the reason where it fails), ``te_bf16``
 (te-llama with HF's cache, :mod:`te_llama.model.kv_cache`) and ``te_bf16_graphs`` (te-llama on a static cache, its
 decode step a CUDA graph: :mod:`te_llama.generation.decode_graphs`; on the CPU the graph's eager stand-in, so the
-row only shows that the path runs), and ``te_fp8_current`` (te-llama in FP8 with current scaling, ``in_eval=True``,
-on HF's cache: the weights cast to FP8 once per ``generate()`` call; a GPU's only). Rows of ``te_bf16_graphs`` count
-the steps the recorded step served.
+row only shows that the path runs), ``te_fp8_current`` (te-llama in FP8 with current scaling, ``in_eval=True``, on
+HF's cache: the weights cast to FP8 once per ``generate()`` call; a GPU's only) and ``te_fp8_current_graphs`` (that,
+on a static cache with decode graphs). Rows of the ``_graphs`` variants count the steps the recorded step served.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ SHAPES = {
     "8B-b16": GenerationShape(LLAMA3_8B, 32, 16), "8B-b64": GenerationShape(LLAMA3_8B, 32, 64),
     "tiny": GenerationShape(TINY, 2, 2, prompt=16, new_tokens=32),
 }
-VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16", "te_bf16_graphs", "te_fp8_current")
-FP8_VARIANTS = ("te_fp8_current",)
+VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16", "te_bf16_graphs", "te_fp8_current", "te_fp8_current_graphs")
+FP8_VARIANTS = ("te_fp8_current", "te_fp8_current_graphs")
 BASELINE = "hf_dynamic"
 
 
@@ -71,7 +71,7 @@ def build(variant: str, shape: GenerationShape, device: torch.device):
     if variant.startswith("te_"):
         fp8 = FP8Config(recipe="current", in_eval=True) if variant in FP8_VARIANTS else None
         model = TELlamaForCausalLM.from_config(config, dtype=dtype, device=device, fp8=fp8).eval()
-        if variant == "te_bf16_graphs":
+        if variant.endswith("_graphs"):
             model.generation_config.cache_implementation = "static"
             model.enable_decode_graphs(capture=device.type == "cuda")
         return model
@@ -120,7 +120,7 @@ def run(variant: str, shape_name: str, repeats: int = 3) -> dict:
            "new_tokens": shape.new_tokens, "time_to_first_token_ms": 1000 * first, "ms_per_token": decode_ms,
            "tokens_per_s": shape.batch * 1000 / decode_ms,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    if variant == "te_bf16_graphs":  # that the steps ran as the recorded step, not eagerly
+    if variant.endswith("_graphs"):  # that the steps ran as the recorded step, not eagerly
         row["decode_graph_replays"] = model.decode_graph_replays()
     return row
 
@@ -138,14 +138,14 @@ def add_ratios(rows: list[dict]) -> None:
 
 def format_row(row: dict) -> str:
     if row["status"] != "ok":
-        return f"{row['shape']:7s} {row['variant']:18s} {row['status']}: {row.get('reason', '')}"
+        return f"{row['shape']:7s} {row['variant']:22s} {row['status']}: {row.get('reason', '')}"
     speedup = f"{row['speedup_vs_hf_dynamic']:6.2f}x" if "speedup_vs_hf_dynamic" in row else f"{'':7s}"
     memory = f"{row['peak_memory_gib']:8.2f}" if row["peak_memory_gib"] is not None else f"{'-':>8s}"
-    return (f"{row['shape']:7s} {row['variant']:18s} {row['time_to_first_token_ms']:9.1f} {row['ms_per_token']:9.2f} "
+    return (f"{row['shape']:7s} {row['variant']:22s} {row['time_to_first_token_ms']:9.1f} {row['ms_per_token']:9.2f} "
             f"{speedup} {row['tokens_per_s']:9.0f} {memory}")
 
 
-HEADER = f"{'shape':7s} {'variant':18s} {'TTFT ms':>9s} {'ms/token':>9s} {'speedup':>7s} {'tokens/s':>9s} {'peak GiB':>8s}"
+HEADER = f"{'shape':7s} {'variant':22s} {'TTFT ms':>9s} {'ms/token':>9s} {'speedup':>7s} {'tokens/s':>9s} {'peak GiB':>8s}"
 
 
 def bench_generation(shapes: str, variants: str, output: str, timeout: int = 600) -> list[dict]:

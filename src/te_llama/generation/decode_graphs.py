@@ -44,7 +44,8 @@ logger = logging.getLogger("te_llama")
 @dataclass(frozen=True)
 class FP8Step:
     """How a decode step's forward runs in FP8: its recipe, the token alignment its GEMMs need, and TE's
-    ``is_first_microbatch`` that ``generate()`` chose for it (``False``: the kept FP8 cast of the weights is current)."""
+    ``is_first_microbatch`` that ``generate()`` chose for it (``False``: the kept FP8 cast of the weights is
+    current)."""
 
     recipe_name: str
     token_alignment: int
