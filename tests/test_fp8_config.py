@@ -108,7 +108,7 @@ def _install_fake_te(monkeypatch):
     fake = types.ModuleType("transformer_engine.pytorch")
     fake.autocast, fake.active = autocast, False
     package = types.ModuleType("transformer_engine")
-    package.pytorch = fake
+    package.pytorch, package.__version__ = fake, "2.20.2"
     monkeypatch.setitem(sys.modules, "transformer_engine", package)
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", fake)
     return fake, events
@@ -234,3 +234,19 @@ def test_a_recorded_fp8_decode_step_is_recorded_again_when_te_replaces_a_kept_we
     qkv._fp8_workspaces["weight"] = object()  # TE made a new cast (another recipe or usage)
     model.generate(ids, **kwargs)
     assert settings.decode_graphs.steps[(1, 9, torch.float32, "current")] is not first
+
+
+def test_fp8_decode_steps_run_eagerly_on_a_te_version_they_were_not_checked_with(fake_te, monkeypatch, caplog):
+    import logging
+    import sys
+
+    model = TELlamaForCausalLM.from_config(tiny_config()).eval()
+    fake_te()
+    monkeypatch.setattr(sys.modules["transformer_engine"], "__version__", "2.19.0")
+    settings = model.model.te_settings
+    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current", in_eval=True)
+    model.enable_decode_graphs(capture=False)
+    with caplog.at_level(logging.INFO, logger="te_llama"):
+        model.generate(torch.randint(1, 128, (1, 5)), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    assert model.decode_graph_replays() == 0 and "not 2.19.0" in caplog.text

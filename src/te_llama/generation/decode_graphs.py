@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from te_llama import te_patches
 from te_llama.generation.decode_step import DecodeStep
 from te_llama.generation.static_cache import cache_length, graph_reason
 from te_llama.model.adapters import has_adapters
@@ -96,6 +97,9 @@ class DecodeGraphs:
         if settings.fp8_active(stack.training) and settings.fp8_recipe_name != "current":
             return (f"FP8 with the {settings.fp8_recipe_name} recipe, whose scaling state TE updates in Python at "
                     "every forward (FP8 decode steps are recorded with current scaling)")
+        if settings.fp8_active(stack.training) and not te_patches.tested(te_patches.te_version()):
+            return (f"FP8 decode steps read the weight casts TE keeps, checked with Transformer Engine "
+                    f"{te_patches.TESTED_TE}, not {te_patches.te_version()}")
         if torch.is_autocast_enabled("cuda"):
             return "torch.autocast is on"
         if kwargs.get("packed_sequences") is not None or kwargs.get("cu_seq_lens_q") is not None:
