@@ -286,3 +286,16 @@ def test_fp8_on_the_reference_backend_is_refused_for_every_family(model_type):
         model.enable_fp8("delayed")
     with pytest.raises(FP8ConfigError, match="reference backend"):
         AutoModelForCausalLM.from_config(family_config(model_type), fp8="delayed")
+
+
+@pytest.mark.parametrize("case", ["qwen2", "qwen3", "mistral"])
+def test_decode_graphs_give_hf_tokens_for_each_family(hf_checkpoint, case):
+    """The recorded decode step (its CPU stand-in, capture=False) serves Qwen2's biases, Qwen3's q/k norm and
+    Mistral without a window as HF's own classes decode; the tokens equal HF's on a static cache."""
+    _, hf, te = load_pair(hf_checkpoint, case, eos_token_id=None, bos_token_id=None)
+    ids, mask = ids_and_mask("left", seq=10)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    te.enable_decode_graphs(capture=False)
+    assert torch.equal(te.generate(ids, **kwargs), hf.generate(ids, **kwargs))
+    assert te.decode_graph_replays() == 11  # every step after the prompt's
