@@ -158,3 +158,19 @@ def test_adopting_a_new_cache_gives_the_previous_one_its_own_copy(generation_pai
     assert caches[0].layers[0].keys is not memory.layers[0]["keys"]
     assert all(torch.equal(layer.keys, before) for layer, before in zip(caches[0].layers, kept))
     assert not torch.equal(memory.layers[0]["keys"], kept[0])  # now the second cache's prompt
+
+
+def test_generate_compiles_te_llamas_forward_only_for_an_explicit_compile_config(generation_pair, monkeypatch):
+    # generate() compiles the forward by itself for a static cache on CUDA; te-llama's fast path there is decode
+    # graphs. Checked through HF's own criteria, told that the model is on CUDA.
+    from transformers import CompileConfig, GenerationConfig
+
+    hf, te = generation_pair
+    for model in (hf, te):
+        monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    cache = StaticCache(config=te.config, max_cache_len=16)
+    assert hf._valid_auto_compile_criteria({CACHE: cache}, GenerationConfig())  # HF would compile
+    assert not te._valid_auto_compile_criteria({CACHE: cache}, GenerationConfig())
+    assert te._valid_auto_compile_criteria({CACHE: cache}, GenerationConfig(compile_config=CompileConfig()))
+    te.enable_decode_graphs(capture=False)
+    assert not te._valid_auto_compile_criteria({CACHE: cache}, GenerationConfig(compile_config=CompileConfig()))

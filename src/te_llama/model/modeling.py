@@ -44,6 +44,11 @@ from te_llama.checkpoint.weight_mapping import hf_names, hf_target, te_to_hf
 
 logger = logging.getLogger("te_llama")
 
+
+@functools.cache
+def _say_once(message: str) -> None:
+    logger.info(message)
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -357,9 +362,17 @@ class TECausalLM:
         return 0 if decode_graphs is None else decode_graphs.replays
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
-        # generate() compiles the forward for a static cache on CUDA; with decode graphs the step is te-llama's
-        # own graph, which dynamo would trace through instead of replaying
+        # generate() compiles the forward by itself for a static cache on CUDA. te-llama's decoder stack is not
+        # written for dynamo (TE's modules break its graphs; the stack reads batch layouts on the host), and its own
+        # fast path for that cache is decode graphs, which dynamo would trace through instead of replaying: so only
+        # a caller's explicit compile_config, without decode graphs, compiles.
         if self.model.te_settings.decode_graphs is not None:
+            return False
+        if generation_config.compile_config is None:
+            if super()._valid_auto_compile_criteria(model_kwargs, generation_config):
+                _say_once("te-llama does not let generate() compile its forward for the static cache; "
+                          "model.enable_decode_graphs() records the decode step as a CUDA graph (a compile_config "
+                          "in the generation config compiles anyway)")
             return False
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
