@@ -59,15 +59,16 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, sites: Sequence[Site]) -> to
     """``output`` ``[..., n]`` plus the contributions of the LoRA modules of ``sites`` (their blocks, in order, span
     ``n``) to the input ``x`` ``[..., in]`` they all see."""
     total = output.shape[-1]
-    inputs, ranks, outs = [], [], []
-    fallback = torch.zeros((), dtype=output.dtype, device=output.device)
+    dropouts, ranks, outs = [], [], []
+    fallback = None  # the sum of PEFT's own forwards, each padded to the whole width
     offset = 0
     for module, width in sites:
         terms = None if module is None else _terms(module)
         if module is not None and terms is None:
-            fallback = fallback + F.pad(module(x), (offset, total - offset - width))
+            delta = F.pad(module(x), (offset, total - offset - width))
+            fallback = delta if fallback is None else fallback + delta
         for a, b, scaling, dropout in terms or ():
-            inputs.append(dropout)
+            dropouts.append(dropout)
             ranks.append(a.to(x.dtype))
             # B scaled and placed in its block's rows; an autograd graph of a few kilobytes back to PEFT's weights.
             outs.append(F.pad((b * scaling).to(output.dtype), (0, 0, offset, total - offset - width)))
@@ -76,10 +77,10 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, sites: Sequence[Site]) -> to
         raise ValueError(f"the sites' widths add up to {offset}, not the output's {total}")
     if ranks:
         flat = x.reshape(-1, x.shape[-1])
-        if all(_passes_through(dropout) for dropout in inputs):
+        if all(_passes_through(dropout) for dropout in dropouts):
             h = F.linear(flat, torch.cat(ranks))
         else:  # each adapter's own dropout of the input
-            h = torch.cat([F.linear(dropout(flat), a) for dropout, a in zip(inputs, ranks)], dim=-1)
+            h = torch.cat([F.linear(dropout(flat), a) for dropout, a in zip(dropouts, ranks)], dim=-1)
         output = torch.addmm(output.reshape(-1, total), h.to(output.dtype), torch.cat(outs, dim=1).t(),
                              ).view(output.shape)
-    return output + fallback if fallback.dim() else output
+    return output if fallback is None else output + fallback

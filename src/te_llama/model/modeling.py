@@ -49,6 +49,7 @@ logger = logging.getLogger("te_llama")
 def _say_once(message: str) -> None:
     logger.info(message)
 
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
