@@ -14,6 +14,7 @@ import te_llama
 from conftest import family_config, random_hf_model, relative_error
 from te_llama import AutoModelForCausalLM, CheckpointError, UnsupportedConfigError
 from te_llama.checkpoint import weight_mapping
+from training_loop import losses_on_one_batch
 
 CASES = {
     "llama": ("llama", {}),
@@ -200,13 +201,7 @@ def test_training_lowers_the_loss(case):
     model = AutoModelForCausalLM.from_config(config_of(case)).train()
     optimizer = te_llama.AdamW(model.parameters(), lr=3e-3)
     ids, _ = ids_and_mask("none", batch=2)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(model, optimizer, 6, input_ids=ids, labels=ids)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1
 
 

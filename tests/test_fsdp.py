@@ -23,6 +23,7 @@ from te_llama.cli import main
 from te_llama.commands.assets import english_text, smollm2_checkpoint
 from te_llama.training.fp8_state import COMPLETE_MARKER, FP8_STATE_FILE
 from te_llama.training.fsdp import FSDPError, load_sharded, reshard, save_sharded, shard_model
+from training_loop import losses_on_one_batch
 
 TESTS = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -206,14 +207,7 @@ def test_one_sharded_process_trains_exactly_as_the_unsharded_model(process_group
     for sharded in (False, True):
         model = shard_model(tiny()) if sharded else tiny()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        steps = []
-        for _ in range(3):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            steps.append(loss.item())
-        losses.append(steps)
+        losses.append(losses_on_one_batch(model, optimizer, 3, input_ids=ids, labels=ids))
     assert losses[0] == losses[1]
 
 
@@ -232,13 +226,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(plain_loop, process_group)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     load_sharded(model, optimizer, sharded / "checkpoint")  # DCP reshards the two processes' shards into one
     ids = fsdp_train.batch(argparse.Namespace(model="tiny"), rank=0, world=1)  # the whole batch it learns
-    resumed = []
-    for _ in range(2):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        resumed.append(loss.item())
+    resumed = losses_on_one_batch(model, optimizer, 2, input_ids=ids, labels=ids)
     expected = json.loads((sharded / "result.json").read_text())["losses"][2:]
     assert all(abs(a - b) <= FP32 * b for a, b in zip(resumed, expected)), (resumed, expected)
 

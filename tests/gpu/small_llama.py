@@ -1,5 +1,5 @@
 """A 2-layer Llama on the TE backend and the runs the GPU tests compare: training with an optimizer, and passes
-over one batch without one."""
+over one batch without one; and random HF models saved for te-llama to load."""
 
 import torch
 from transformers import LlamaConfig
@@ -60,3 +60,19 @@ def worst_rel(grads, reference):
     """``(largest relative difference, parameter name)`` between two gradient dicts."""
     return max((((g.float() - reference[n].float()).norm() / reference[n].float().norm().clamp_min(1e-30)).item(), n)
                for n, g in grads.items())
+
+
+def saved_hf_model(tmp_path, name, config):
+    """A random HF model of the config's family in bf16 on the GPU (norms and biases perturbed), saved to
+    ``tmp_path / name``: (directory, model)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    torch.manual_seed(0)
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).to(device="cuda", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "norm" in key or key.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    directory = tmp_path / name
+    model.save_pretrained(directory)
+    return directory, model

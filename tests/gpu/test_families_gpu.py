@@ -21,10 +21,11 @@ import transformer_engine.pytorch as te
 import transformers
 from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+import small_llama
 from te_llama import AutoModelForCausalLM
 from te_llama.checkpoint.weight_mapping import te_to_hf
+from training_loop import losses_on_one_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -48,19 +49,6 @@ def config_of(case, **extra):
     return CONFIG_MAPPING[model_type](**{**BASE, **overrides, **extra})
 
 
-def hf_model(tmp_path, name, config):
-    """A random HF model of the config's family in bf16 on the GPU (norms and biases perturbed), saved to disk."""
-    torch.manual_seed(0)
-    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).to(device="cuda", dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if "norm" in key or key.endswith("bias"):
-                param.add_(torch.randn_like(param) * 0.1)
-    directory = tmp_path / name
-    model.save_pretrained(directory)
-    return directory, model
-
-
 def load(directory, backend="te", **kwargs):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, device="cuda", backend=backend,
                                                 **kwargs)
@@ -79,7 +67,7 @@ def batch(padding="none", seed=1, size=3, seq=256):
 
 @pytest.mark.parametrize("case", CASES)
 def test_te_modules_carry_the_names_of_the_weight_tables(tmp_path, case):
-    directory, _ = hf_model(tmp_path, case, config_of(case))
+    directory, _ = small_llama.saved_hf_model(tmp_path, case, config_of(case))
     model = load(directory)
     layer = model.model.layers[0]
     assert isinstance(layer, te.TransformerLayer) and isinstance(model, transformers.PreTrainedModel)
@@ -104,7 +92,7 @@ def test_te_modules_carry_the_names_of_the_weight_tables(tmp_path, case):
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 @pytest.mark.parametrize("case", CASES)
 def test_bf16_logits_match_hf_and_reference(tmp_path, case, padding, record):
-    directory, hf = hf_model(tmp_path, case, config_of(case))
+    directory, hf = small_llama.saved_hf_model(tmp_path, case, config_of(case))
     te_model, reference = load(directory), load(directory, backend="reference")
     ids, mask = batch(padding)
     with torch.no_grad():
@@ -158,18 +146,12 @@ def test_te_window_size_is_hfs_sliding_window(mask_type, record):
 def test_fp8_delayed_training_lowers_the_loss(tmp_path, case, record):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9+")
-    directory, _ = hf_model(tmp_path, case, config_of(case))
+    directory, _ = small_llama.saved_hf_model(tmp_path, case, config_of(case))
     model = load(directory, fp8="delayed").train()
     assert model.fp8_recipe_name == "delayed"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids, _ = batch(size=4, seed=3)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = losses_on_one_batch(model, optimizer, 30, input_ids=ids, labels=ids)
     record(test="family_fp8_training", case=case, first_loss=losses[0], last_loss=losses[-1])
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.5 * losses[0]  # one batch, repeated: it is learnt (fp32 on the reference: 6.3 -> 0.1-0.3)
@@ -183,7 +165,7 @@ def test_fp8_delayed_training_lowers_the_loss(tmp_path, case, record):
 def test_generation_on_te_follows_hf_for_a_prefix(tmp_path, case, record):
     """The KV-cache path on TE's modules (Qwen3's q/k norm outside TE's attention, Mistral's window from HF's cache
     and mask) against HF in bf16: the first greedy tokens agree."""
-    directory, hf = hf_model(tmp_path, case, config_of(case, eos_token_id=None, bos_token_id=None))
+    directory, hf = small_llama.saved_hf_model(tmp_path, case, config_of(case, eos_token_id=None, bos_token_id=None))
     te_model = load(directory)
     ids, mask = batch("left", size=2, seq=80)
     kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 import small_llama
 from te_llama import TELlamaForCausalLM
+from training_loop import losses_on_one_batch
 
 pytestmark = pytest.mark.gpu
 peft = pytest.importorskip("peft")
@@ -142,13 +143,7 @@ def test_fp8_lora_converges_like_bf16_lora(record):
         model = get_peft_model(small_llama.model(fp8=fp8), LoraConfig(**{**LORA, "r": 16, "lora_alpha": 32}))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
         x = small_llama.batch(7)  # one batch, repeated: the loss falls far enough to compare curves
-        losses = []
-        for _ in range(60):
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+        losses = losses_on_one_batch(model, optimizer, 60, input_ids=x, labels=x)
         finals[fp8 or "bf16"] = sum(losses[-5:]) / 5
         assert losses[-1] < 0.8 * losses[0], fp8
     gap = abs(finals["delayed"] - finals["bf16"]) / finals["bf16"]

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import small_llama
 from te_llama import TELlamaForCausalLM
 from te_llama.backend import te_attention_backend
+from training_loop import losses_on_one_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -92,13 +93,7 @@ def test_fp8_training_on_unaligned_packed_rows(record):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _, batch = packed_rows(1)
     assert int(batch["attention_mask"].sum()) % 16, "the batch's real tokens must need FP8 padding"
-    losses = []
-    for _ in range(12):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = losses_on_one_batch(model, optimizer, 12, **batch)
     record(test="packed_fp8_training", losses=[round(x, 4) for x in losses], fp8_calls=sum(fp8_calls),
            layer_calls=len(fp8_calls))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5

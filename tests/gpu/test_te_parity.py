@@ -8,6 +8,7 @@ import transformer_engine.pytorch as te
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import small_llama
 import te_llama
 from te_llama import TELlamaForCausalLM
 from te_llama.checkpoint.weight_mapping import te_to_hf
@@ -35,16 +36,7 @@ def rel(a, b):
 
 
 def hf_model(tmp_path, name, **overrides):
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**BASE, **overrides})
-    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if "norm" in key or key.endswith("bias"):
-                param.add_(torch.randn_like(param) * 0.1)
-    directory = tmp_path / name
-    model.save_pretrained(directory)
-    return directory, model
+    return small_llama.saved_hf_model(tmp_path, name, LlamaConfig(**{**BASE, **overrides}))
 
 
 def load(directory, backend):
