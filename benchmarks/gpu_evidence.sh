@@ -38,8 +38,8 @@ for stage in $stages; do
     training) bench bench_AB --shapes A,B --variants hf_bf16,te_fp8_delayed,te_fp8_delayed_graphs ;;
     families) bench bench_families --shapes mistral,qwen2,qwen3 --variants hf_bf16,te_fp8_delayed ;;
     generation) bench bench_generation --generation --shapes 8B-b1,1B-b64,1B-b1 \
-                  --variants hf_dynamic,hf_static_compile,te_bf16,te_bf16_graphs,te_fp8_current,te_fp8_current_graphs ;;
-    lora) bench bench_lora --shapes A --variants hf_bf16_lora,te_fp8_delayed_lora
+                  --variants hf_dynamic,hf_static_compile,te_bf16,te_bf16_graphs,te_fp8_current,te_fp8_current_graphs,te_fp8_current_graphs_fp8weights ;;
+    lora) bench bench_lora --shapes A --variants hf_bf16_lora,te_fp8_delayed_lora,te_fp8_delayed_lora_fp8weights
           python3 benchmarks/profile_step.py --variant te_fp8_delayed_lora --shape A --top 30 \
             --out "$out/profile_lora.json" 2>&1 | grep -v Warning | tee "$out/profile_lora.log" | tail -40 ;;
     packed) bench bench_packed --packed ;;

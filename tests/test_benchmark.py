@@ -318,10 +318,14 @@ def test_variant_names_parse_into_one_spec():
     assert Variant.parse("hf_compile") == Variant("hf_compile", "peer") and Variant.parse("hf_compile").compiled
     assert is_variant("te_fp8_delayed_graphs_cached") and is_variant("te_fp8_current_cached")
     assert is_variant("te_fp8_current_fastacc")
+    assert Variant.parse("te_fp8_delayed_lora_fp8weights") == Variant(
+        "te_fp8_delayed_lora_fp8weights", "te", recipe="delayed", lora=True, fp8_weights=True)
     for bad in ("te_bf16_cached", "te_bf16_fastacc", "te_fp8_delayed_cached_graphs", "te_fp8_delayed_graphs_fastacc",
-                "hf_bf16_cached", "hf_bf16_graphs", "te_fp8_nvfp9"):
+                "hf_bf16_cached", "hf_bf16_graphs", "te_fp8_nvfp9", "te_bf16_lora_fp8weights",
+                "te_fp8_delayed_fp8weights", "te_fp8_delayed_fp8weights_lora"):
         assert not is_variant(bad), bad
-    with pytest.raises(BenchmarkArgumentError, match="followed by _fastacc .FP8., _graphs, _cached .FP8., _lora, in that order"):
+    with pytest.raises(BenchmarkArgumentError, match="followed by _fastacc .FP8., _graphs, _cached .FP8., _lora, "
+                                                     "_fp8weights .FP8 LoRA., in that order"):
         Variant.parse("te_fp8_delayed_graphs_fastacc")
 
 

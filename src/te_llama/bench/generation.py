@@ -10,7 +10,9 @@ cache, whose decode step ``generate()`` compiles itself; skipped with the reason
 decode step a CUDA graph: :mod:`te_llama.generation.decode_graphs`; on the CPU the graph's eager stand-in, so the
 row only shows that the path runs), ``te_fp8_current`` (te-llama in FP8 with current scaling, ``in_eval=True``, on
 HF's cache: the weights cast to FP8 once per ``generate()`` call; a GPU's only) and ``te_fp8_current_graphs`` (that,
-on a static cache with decode graphs). Rows of the ``_graphs`` variants count the steps the recorded step served.
+on a static cache with decode graphs); ``te_fp8_current_fp8weights`` and ``te_fp8_current_graphs_fp8weights`` are
+those two with the decoder's weights kept in FP8 only (:meth:`te_llama.TELlamaForCausalLM.quantize_frozen_weights`).
+Rows of the ``_graphs`` variants count the steps the recorded step served.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ SHAPES = {
     "8B-b16": GenerationShape(LLAMA3_8B, 32, 16), "8B-b64": GenerationShape(LLAMA3_8B, 32, 64),
     "tiny": GenerationShape(TINY, 2, 2, prompt=16, new_tokens=32),
 }
-VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16", "te_bf16_graphs", "te_fp8_current", "te_fp8_current_graphs")
-FP8_VARIANTS = ("te_fp8_current", "te_fp8_current_graphs")
+FP8_VARIANTS = ("te_fp8_current", "te_fp8_current_graphs", "te_fp8_current_fp8weights",
+                "te_fp8_current_graphs_fp8weights")
+VARIANTS = ("hf_dynamic", "hf_static_compile", "te_bf16", "te_bf16_graphs") + FP8_VARIANTS
 BASELINE = "hf_dynamic"
 
 
@@ -71,7 +74,9 @@ def build(variant: str, shape: GenerationShape, device: torch.device):
     if variant.startswith("te_"):
         fp8 = FP8Config(recipe="current", in_eval=True) if variant in FP8_VARIANTS else None
         model = TELlamaForCausalLM.from_config(config, dtype=dtype, device=device, fp8=fp8).eval()
-        if variant.endswith("_graphs"):
+        if variant.endswith("_fp8weights"):
+            model.requires_grad_(False).quantize_frozen_weights(for_training=False)
+        if "_graphs" in variant:
             model.generation_config.cache_implementation = "static"
             model.enable_decode_graphs(capture=device.type == "cuda")
         return model

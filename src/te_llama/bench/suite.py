@@ -140,7 +140,12 @@ def build_model(name: str, shape: Shape, device: torch.device):
             if variant.cuda_graphs:
                 model.enable_cuda_graphs()
         model.cache_fp8_weights = variant.weight_cache
-        return with_lora(model) if variant.lora else model
+        if not variant.lora:
+            return model
+        model = with_lora(model)
+        if variant.fp8_weights:
+            model.get_base_model().quantize_frozen_weights(for_training=True)
+        return model
     if name == "liger":  # apply_liger_kernel_to_llama, _mistral, _qwen2, _qwen3
         getattr(_peer("liger_kernel.transformers", "liger-kernel"), f"apply_liger_kernel_to_{family.model_type}")()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -2,9 +2,10 @@
 
 The peers are fixed names (``hf_bf16``, ``hf_compile``, ``liger``, ``torchao_fp8``, and ``hf_bf16_lora``: HF + PEFT
 LoRA). A te-llama variant's name is ``te_bf16`` or ``te_fp8_<recipe>``, then ``_fastacc`` (fast backward
-accumulation, FP8 delayed or current only), ``_graphs`` (CUDA graphs), ``_cached`` (the FP8 weight cache) and
-``_lora`` (PEFT LoRA on the frozen base), in that order: ``te_fp8_delayed_fastacc_graphs_cached``,
-``te_fp8_delayed_lora``. LoRA rows use :data:`LORA`, the same for HF and te-llama.
+accumulation, FP8 delayed or current only), ``_graphs`` (CUDA graphs), ``_cached`` (the FP8 weight cache),
+``_lora`` (PEFT LoRA on the frozen base) and ``_fp8weights`` (FP8 LoRA with the frozen base kept in FP8 only,
+:meth:`te_llama.TELlamaForCausalLM.quantize_frozen_weights`), in that order: ``te_fp8_delayed_fastacc_graphs_cached``,
+``te_fp8_delayed_lora_fp8weights``. LoRA rows use :data:`LORA`, the same for HF and te-llama.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ LORA_BASELINE = "hf_bf16_lora"
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
 """The adapters of every ``_lora`` row: rank 16 on all seven projections of each layer."""
 
-_TE_NAME = re.compile(r"te_(?:bf16|fp8_(?P<recipe>[a-z0-9]+)(?P<fastacc>_fastacc)?)(?P<graphs>_graphs)?(?P<cached>_cached)?(?P<lora>_lora)?")
+_TE_NAME = re.compile(r"te_(?:bf16|fp8_(?P<recipe>[a-z0-9]+)(?P<fastacc>_fastacc)?)(?P<graphs>_graphs)?(?P<cached>_cached)?(?P<lora>_lora)?(?P<fp8weights>_fp8weights)?")
 
 
 class BenchmarkArgumentError(ValueError):
@@ -39,6 +40,7 @@ class Variant:
     cuda_graphs: bool = False
     weight_cache: bool = False
     lora: bool = False  # PEFT LoRA adapters (LORA) on the frozen base; the optimizer steps the adapters only
+    fp8_weights: bool = False  # the frozen LoRA base kept in FP8 only
 
     @classmethod
     def parse(cls, name: str) -> Variant:
@@ -48,12 +50,14 @@ class Variant:
         match = _TE_NAME.fullmatch(name)
         recipe = match and match["recipe"]
         if not match or (recipe is not None and recipe not in RECIPES) or (
-                recipe is None and (match["cached"] or match["fastacc"])):
+                recipe is None and (match["cached"] or match["fastacc"] or match["fp8weights"])) or (
+                match["fp8weights"] and not match["lora"]):
             raise BenchmarkArgumentError(
                 f"unknown variant {name!r}: use one of {', '.join(PEERS)}, or te_bf16 or te_fp8_<recipe> "
-                f"({', '.join(RECIPES)}) followed by _fastacc (FP8), _graphs, _cached (FP8), _lora, in that order")
+                f"({', '.join(RECIPES)}) followed by _fastacc (FP8), _graphs, _cached (FP8), _lora, _fp8weights (FP8 "
+                "LoRA), in that order")
         return cls(name, "te", recipe, bool(match["fastacc"]), bool(match["graphs"]), bool(match["cached"]),
-                   bool(match["lora"]))
+                   bool(match["lora"]), bool(match["fp8weights"]))
 
     @property
     def is_te(self) -> bool:

@@ -25,10 +25,12 @@ import torch
 from te_llama.generation.static_cache import CacheMemory
 from te_llama.model.kv_cache import forward_with_cache
 from te_llama.model.rope import RotaryAngles
+from te_llama.training.fp8_weights import tensor_addresses
 
 
 def _addresses(layers) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for layer in layers for t in (*layer.parameters(), *layer.buffers()))
+    return tuple(address for layer in layers for t in (*layer.parameters(), *layer.buffers())
+                 for address in tensor_addresses(t))
 
 
 def _fp8_casts(layers) -> tuple:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from te_llama.model.lora import add_lora
+from te_llama.training.fp8_weights import FP8WeightsError, is_quantized
 
 ATTENTION_SITES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_SITES = ("gate_proj", "up_proj", "down_proj")
@@ -63,6 +64,10 @@ class ProjectionSite(nn.Linear):
         if name is None:
             return None
         tensor = getattr(self._owner, name)
+        if is_quantized(tensor):  # PEFT reads it to add adapters and writes into it to merge them
+            raise FP8WeightsError(
+                f"{name} is kept in FP8 (quantize_frozen_weights()): PEFT can neither add adapters on it nor merge "
+                "them into it; call model.dequantize_weights() first (or merge into the BF16 checkpoint)")
         return tensor if self._rows is None else tensor[self._rows]
 
     @property

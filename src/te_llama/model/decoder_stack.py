@@ -59,10 +59,13 @@ class StackSettings:
     generation_forwards: int | None = None
     """Forwards so far of the ``generate()`` call in progress, ``None`` outside one (:meth:`generation_call`)."""
     decode_graphs: DecodeGraphs | None = None
+    weights_in_fp8: str | None = None
+    """The recipe the frozen weights are kept in FP8 for (:mod:`te_llama.training.fp8_weights`), else ``None``."""
 
     def fp8_active(self, training: bool) -> bool:
-        """Whether a forward in this mode runs in FP8 (training, or evaluation with ``in_eval``)."""
-        return self.fp8_recipe is not None and (training or self.fp8_config.in_eval)
+        """Whether a forward in this mode runs in FP8 (training; evaluation with ``in_eval``, or with the weights kept
+        in FP8, which a BF16 forward would dequantize at every call)."""
+        return self.fp8_recipe is not None and (training or self.fp8_config.in_eval or self.weights_in_fp8 is not None)
 
     @property
     def fp8_recipe_name(self) -> str | None:

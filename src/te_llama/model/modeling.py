@@ -31,6 +31,7 @@ from te_llama.generation.decode_graphs import DecodeGraphs
 from te_llama.training.cuda_graphs import CudaGraphError, GraphPeers, release_layer_graphs
 from te_llama.training.distributed import is_sharded, several_processes
 from te_llama.training.fp8 import FP8Config, FP8ConfigError, check_fp8_possible, describe, parse_fp8, resolve_recipe_name
+from te_llama.training import fp8_weights
 from te_llama.model.adapters import has_adapters
 from te_llama.model.decoder_stack import TEDecoderStack
 from te_llama.model.families import (LLAMA, MISTRAL, QWEN2, QWEN3, Family, UnsupportedConfigError, check_config,
@@ -210,6 +211,11 @@ class TECausalLM:
         from te_llama.training.fp8 import te_recipe
 
         recipe = te_recipe(config)
+        kept = self.model.te_settings.weights_in_fp8
+        if kept is not None and not fp8_weights.same_format(kept, resolve_recipe_name(config)):
+            raise fp8_weights.FP8WeightsError(
+                f"the frozen weights are kept in FP8 for the {kept} recipe, which {resolve_recipe_name(config)!r} "
+                "cannot read; call model.dequantize_weights() first, then quantize_frozen_weights() again")
         if resolve_recipe_name(config) == "delayed" and te_patches.install("swiglu_backward"):
             from te_llama.kernels.swiglu_backward import mark_recipe
 
@@ -219,6 +225,9 @@ class TECausalLM:
         return self
 
     def disable_fp8(self) -> TECausalLM:
+        if self.model.te_settings.weights_in_fp8 is not None:
+            raise fp8_weights.FP8WeightsError("the frozen weights are kept in FP8, which BF16 forwards would dequantize "
+                                              "at every call; call model.dequantize_weights() first")
         self.model.te_settings.fp8_config, self.model.te_settings.fp8_recipe = None, None
         return self
 
@@ -268,6 +277,50 @@ class TECausalLM:
         cache = self.model.te_settings.weight_cache
         return 0 if cache is None else cache.reuses
 
+    # ------------------------------------------------------------------------------------ FP8-only weights
+    def quantize_frozen_weights(self, for_training: bool = True) -> TECausalLM:
+        """Keep the frozen decoder weights in FP8 only (:mod:`te_llama.training.fp8_weights`).
+
+        ``o_proj``, the MLP's gate/up and down of every layer become Transformer Engine FP8 tensors of the model's
+        recipe, made once, and their high-precision parameters are freed: for the frozen base under PEFT LoRA, or a
+        model that only generates. ``for_training``: a backward will run through them (LoRA), so the column-wise
+        copies it reads are made too; ``False`` (inference) keeps one byte per weight. Needs FP8 enabled
+        (:meth:`enable_fp8`) and those weights frozen. Forwards then run in FP8 in evaluation too;
+        :meth:`dequantize_weights` undoes it (the values stay their FP8 rounding)."""
+        settings = self.model.te_settings
+        if settings.fp8_recipe is None:
+            raise fp8_weights.FP8WeightsError(
+                "keeping the weights in FP8 needs FP8: call model.enable_fp8(...) first (its recipe decides how the "
+                "weights are quantized)")
+        if is_sharded(self):
+            raise fp8_weights.FP8WeightsError("the model is sharded with FSDP2, whose all-gathers move the BF16 "
+                                              "weights; keep the weights in FP8 on an unsharded model")
+        if settings.cuda_graphs:
+            raise fp8_weights.FP8WeightsError("CUDA graphs are enabled and would replay on the BF16 weights they "
+                                              "recorded; call model.disable_cuda_graphs() first")
+        self.disable_decode_graphs()  # recorded on the BF16 weights
+        count = fp8_weights.quantize(self.model.layers, settings.fp8_recipe, for_training)
+        settings.weights_in_fp8, settings.weight_cache = settings.fp8_recipe_name, None
+        logger.info("kept %d frozen decoder weights in FP8 only (%s, %s)", count, settings.fp8_recipe_name,
+                    "row- and column-wise" if for_training else "row-wise")
+        return self
+
+    def dequantize_weights(self) -> TECausalLM:
+        """Undo :meth:`quantize_frozen_weights`: the FP8 weights become frozen parameters of the model's dtype again,
+        holding their FP8 values."""
+        settings = self.model.te_settings
+        if settings.weights_in_fp8 is not None:
+            self.disable_decode_graphs()
+            fp8_weights.dequantize(self.model.layers, self.model.embed_tokens.weight.dtype)
+            settings.weights_in_fp8, settings.weight_cache = None, None
+        return self
+
+    @property
+    def weights_in_fp8(self) -> str | None:
+        """The recipe the frozen decoder weights are kept in FP8 for (:meth:`quantize_frozen_weights`), else
+        ``None``."""
+        return self.model.te_settings.weights_in_fp8
+
     def forward(self, *args, **kwargs):
         # FP8, CUDA graphs and the weight cache apply in the decoder stack's forward (TEDecoderStack), whoever
         # calls it.
@@ -296,6 +349,9 @@ class TECausalLM:
         accumulators on a side stream, which recording the graphs needs, and a gloo group with which the processes
         agree on every training forward whether to replay (see :class:`te_llama.training.cuda_graphs.GraphPeers`).
         """
+        if self.weights_in_fp8 is not None:
+            raise CudaGraphError("CUDA graphs do not record weights kept in FP8 (quantize_frozen_weights) yet; call "
+                                 "model.dequantize_weights() first")
         if is_sharded(self):
             raise CudaGraphError("CUDA graphs cannot be combined with FSDP2 (the model is sharded): FSDP gathers the "
                                  "weights into new memory every step, which recorded graphs cannot follow; train "
@@ -436,6 +492,8 @@ class TECausalLM:
                 f"{save_directory}: the model carries PEFT adapters; save them with the PeftModel's "
                 "save_pretrained (a standard adapter directory), or merge them first with merge_and_unload()")
         state = state_dict if state_dict is not None else self.state_dict()
+        dtype = self.model.embed_tokens.weight.dtype
+        state = {key: fp8_weights.high_precision(tensor, dtype) for key, tensor in state.items()}  # weights in FP8
         tensors = te_to_hf(state, tie_word_embeddings=bool(self.config.tie_word_embeddings),
                            table=self.te_family.weights)
         generation_config = copy.deepcopy(self.generation_config)
@@ -445,6 +503,9 @@ class TECausalLM:
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accepts te-llama names and also the family's HF names (a Trainer checkpoint, one shard of one), copying
         HF tensors into TE's parameters the way :meth:`from_pretrained` does."""
+        if self.weights_in_fp8 is not None:
+            raise fp8_weights.FP8WeightsError("the frozen weights are kept in FP8, which loading cannot write into "
+                                              "part by part; call model.dequantize_weights() first")
         table = self.te_family.weights
         hf_keys = {key for key in state_dict if _is_hf_name(key, table)}
         if not hf_keys:

@@ -39,7 +39,9 @@ pointers outside an optimizer, need :meth:`FP8WeightCache.weights_changed`
 
 from __future__ import annotations
 
+
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from te_llama.training.fp8_weights import tensor_addresses
 
 _optimizer_steps = 0
 _hook = None
@@ -75,8 +77,8 @@ class FP8WeightCache:
     def _state(self, recipe) -> tuple:
         # The recipe's id decides (another recipe object is another cast); the object rides along so that a kept
         # state keeps it alive and a new recipe cannot take over its id.
-        return (optimizer_steps(), sum(p._version for p in self.params), sum(p.data_ptr() for p in self.params),
-                id(recipe), recipe)
+        return (optimizer_steps(), sum(p._version for p in self.params),
+                sum(address for p in self.params for address in tensor_addresses(p)), id(recipe), recipe)
 
     def keeps_casts(self, recipe) -> bool:
         """Whether the next training forward under ``recipe`` keeps or reuses a cached cast (``is_first_microbatch``
