@@ -402,5 +402,6 @@ def test_packed_bench_runs_each_row_in_a_process_and_writes_json(tmp_path, capsy
     assert te["real_tokens_per_step"] == packed_sft.SHAPES["tiny"].budget and te["documents_per_step"] > 2
     assert rows["hf_bf16_padded"]["real_tokens_per_step"] <= te["real_tokens_per_step"]
     assert "speedup_vs_hf_bf16_padded" in te and "speedup_vs_hf_bf16_padding_free" not in te
+    assert packed_sft.run("te_fp8_padding_free_graphs", "tiny")["reason"] == "CUDA graphs need a GPU"
     assert main(["bench", "--packed", "--shapes", "A"]) == 2
     assert "unknown packed shape: A" in capsys.readouterr().err

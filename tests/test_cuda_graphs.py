@@ -85,7 +85,7 @@ def test_graphs_are_recorded_once_per_recipe_and_never_for_padded_batches(monkey
     model = TELlamaForCausalLM.from_config(CONFIG, backend="reference")
     recorded = []
 
-    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False, group=None):
+    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False, group=None, packing=None):
         recorded.append(((batch, seq), recipe) + ((True,) if cache_weights else ()))
         return cuda_graphs.StackGraph((cuda_graphs._StackCall(layers),), torch.Size((batch, seq, hidden)), dtype,
                                       recipe, cache_weights)
@@ -178,6 +178,85 @@ def test_the_first_layer_runs_the_stack_and_the_others_hand_its_output_on(monkey
     assert len({h.data_ptr() for h in outputs.hidden_states}) == len(outputs.hidden_states) == len(layers) + 1
 
 
+def _packed_batch(seed: int = 0, rows: int = 2, seq: int = 16):
+    """Rows of packed documents, every token real: ids, position ids restarting at each document, and the stream."""
+    from te_llama.model.packed import packed_sequences
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (rows, seq), generator=generator)
+    positions = torch.cat([torch.cat([torch.arange(n) for n in lengths]) for lengths in ([5, 7, 4], [9, 7])
+                           ][:rows])[None].reshape(rows, seq)
+    return ids, positions, packed_sequences(ids, None, positions)
+
+
+def test_packed_batches_at_a_fixed_budget_record_a_packed_graph(monkeypatch, caplog):
+    """The recording decision for packed batches, the recording replaced by a stand-in: a batch whose every token is
+    real records a graph for packed batches with room for twice its documents (at least 64); one with padding
+    records nothing; later batches say why they run eagerly."""
+    import te_llama.training.cuda_graphs as cuda_graphs
+    from te_llama.model.masks import causal_marker
+    from te_llama.model.packed import packed_sequences
+
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference").train()
+    recorded = []
+
+    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False, group=None, packing=None):
+        recorded.append(packing)
+        return cuda_graphs.StackGraph(cuda_graphs.split_stack(layers, packing=packing),
+                                      torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights, group, packing)
+
+    monkeypatch.setattr(cuda_graphs, "record_layer_graphs", record)
+    ids, positions, packed = _packed_batch()
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    with_padding = packed_sequences(ids, mask, positions)
+    cuda_graphs.record_layer_graphs_once(model.model, ids.shape, causal_marker(2, 16), None, packed=with_padding)
+    assert recorded == []
+    cuda_graphs.record_layer_graphs_once(model.model, ids.shape, causal_marker(2, 16), None, packed=packed)
+    assert recorded == [cuda_graphs.Packing(capacity=64, max_seqlen=16)]
+    graph = model.model.layers[0].cuda_graph
+    assert isinstance(graph.calls[0], cuda_graphs._PackedStackCall)
+    graph.armed = True
+    hidden = torch.zeros(2, 16, 64)
+    assert "padding" in graph.eager_reason(hidden, "padding_causal", with_padding)
+    assert "recorded for packed batches" in graph.eager_reason(hidden, "causal")  # whole rows
+    many = packed_sequences(torch.zeros(2, 80), None, torch.zeros(2, 80, dtype=torch.long))  # 160 one-token documents
+    assert "160 sequences; the CUDA graphs take up to 64" in cuda_graphs.Packing(64, 80).eager_reason(many)
+    assert cuda_graphs.Packing.for_batch(many) == cuda_graphs.Packing(capacity=320, max_seqlen=80)
+
+
+def test_a_packed_replay_runs_what_the_graph_records(monkeypatch):
+    """The function a graph of packed batches records (the layers on the stream with ``cu_seqlens`` padded by empty
+    sequences and RoPE from the per-token table), run eagerly in the graph's place on the reference layer: the loss
+    and gradients of the eager packed forward, each layer computed once."""
+    import te_llama.training.cuda_graphs as cuda_graphs
+
+    config = LlamaConfig(**{**CONFIG.to_dict(), "num_hidden_layers": 3})
+    model = TELlamaForCausalLM.from_config(config, backend="reference").train()
+    ids, positions, packed = _packed_batch(seed=1)
+    expected = model(input_ids=ids, position_ids=positions, labels=ids).loss
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    packing = cuda_graphs.Packing(capacity=8, max_seqlen=16)
+    graph = cuda_graphs.StackGraph(cuda_graphs.split_stack(model.model.layers, packing=packing),
+                                   torch.Size((2, 16, 64)), torch.float32, None, packing=packing)
+    monkeypatch.setattr(cuda_graphs.StackGraph, "replays", lambda self, hidden, mask_type, packed=None: self.armed)
+    monkeypatch.setattr(cuda_graphs, "record_layer_graphs_once", lambda *args, **kwargs: None)  # "recorded" above
+    seen = []
+    monkeypatch.setattr(cuda_graphs._PackedStackCall, "__call__",
+                        lambda self, *a, **k: seen.append(k["cu_seqlens"].tolist()) or self.forward(*a, **k))
+    model.model.te_settings.cuda_graphs = True
+    for layer in model.model.layers:
+        layer.cuda_graph = graph
+    loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+    loss.backward()
+    assert graph.replays_done == 1 and seen == [[0, 5, 12, 16, 25, 32, 32, 32, 32]] * 2  # two parts, one replay
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _vote(rank: int, port: int, out: str) -> None:
     """One of two gloo processes: process 1's batch is padded, process 0's is not."""
     import json
@@ -198,7 +277,7 @@ def _vote(rank: int, port: int, out: str) -> None:
     group = host_group()
     recorded = []
 
-    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False, group=None):
+    def record(layers, rotary_emb, batch, seq, hidden, dtype, recipe, cache_weights=False, group=None, packing=None):
         recorded.append(group is not None)
         return cuda_graphs.StackGraph(cuda_graphs.split_stack(layers), torch.Size((batch, seq, hidden)), dtype,
                                       recipe, cache_weights, group)

@@ -319,8 +319,16 @@ def test_fast_accumulation_without_fp8_is_an_error_before_output_is_touched(tiny
 def test_cuda_graphs_asked_for_on_cpu_is_an_error_before_output_is_touched(tiny_model, text_file, tmp_path, capsys):
     assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs", "--attend-across-documents") == 2
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs") == 2
-    assert "--attend-across-documents" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert run(tiny_model, text_file, tmp_path / "out", "--cuda-graphs") == 2  # packed blocks: graphs serve them too
+    assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_cuda_graphs_under_ddp_need_plain_blocks():
+    from te_llama.commands.finetune import FinetuneConfig, FinetuneError, _defaults
+
+    with pytest.raises(FinetuneError, match="--attend-across-documents"):
+        _defaults(FinetuneConfig(cuda_graphs=True), on_gpu=True, processes=2)
+    assert _defaults(FinetuneConfig(cuda_graphs=True), on_gpu=True, processes=1).cuda_graphs
 
 
 def test_out_of_memory_gives_advice(tiny_model, text_file, tmp_path, capsys, monkeypatch):

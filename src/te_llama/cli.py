@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--cuda-graphs", action="store_true", help="replay the decoder layers as CUDA graphs (GPU, "
                       "Transformer Engine): faster steps for small models; not with --gradient-checkpointing")
     tune.add_argument("--attend-across-documents", dest="across_documents", action="store_true",
-                      help="plain blocks whose tokens attend across document boundaries (needed by --cuda-graphs); "
-                           "default: each document attends only to itself, trained padding-free")
+                      help="plain blocks whose tokens attend across document boundaries (what --cuda-graphs needs "
+                           "under DDP); default: each document attends only to itself, trained padding-free")
     tune.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines (reported)")
     tune.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing --output")

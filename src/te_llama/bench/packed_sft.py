@@ -10,7 +10,8 @@ at most ``budget`` tokens, padding included:
   ``position_ids`` (what ``DataCollatorWithFlattening`` and TRL's ``padding_free=True`` give), HF's own
   padding-free path;
 - ``te_bf16_padding_free``, ``te_fp8_padding_free`` (delayed scaling): te-llama on that same row, run as TE's
-  padding-free ``thd`` stream (:mod:`te_llama.model.packed`).
+  padding-free ``thd`` stream (:mod:`te_llama.model.packed`); ``te_fp8_padding_free_graphs``: that with CUDA
+  graphs, which the fixed budget lets replay for every step's documents (:mod:`te_llama.training.cuda_graphs`).
 
 A row: real tokens per second over the timed steps (padding never counts), ms per step, peak memory, and ratios
 against both HF rows. Forward with labels, backward and AdamW step, random weights; each variant in its own process.
@@ -34,7 +35,8 @@ from te_llama.bench.suite import LLAMA3_8B, RESULT_PREFIX
 
 TINY = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
             tie_word_embeddings=False)
-VARIANTS = ("hf_bf16_padded", "hf_bf16_padding_free", "te_bf16_padding_free", "te_fp8_padding_free")
+VARIANTS = ("hf_bf16_padded", "hf_bf16_padding_free", "te_bf16_padding_free", "te_fp8_padding_free",
+            "te_fp8_padding_free_graphs")
 BASELINES = ("hf_bf16_padded", "hf_bf16_padding_free")
 CORPUS_FILE = "bench_corpus.pt"
 
@@ -138,8 +140,9 @@ def build(variant: str, shape: PackedShape, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if variant.startswith("te_"):
-        fp8 = "delayed" if variant == "te_fp8_padding_free" and device.type == "cuda" else None
-        return TELlamaForCausalLM.from_config(config, dtype=dtype, device=device, fp8=fp8).train()
+        fp8 = "delayed" if variant.startswith("te_fp8") and device.type == "cuda" else None
+        model = TELlamaForCausalLM.from_config(config, dtype=dtype, device=device, fp8=fp8).train()
+        return model.enable_cuda_graphs() if variant.endswith("_graphs") else model
     config._attn_implementation, config.use_cache = "sdpa", False
     with default_dtype(dtype), torch.device(device):
         return LlamaForCausalLM(config).train()
@@ -148,6 +151,8 @@ def build(variant: str, shape: PackedShape, device: torch.device):
 def run(variant: str, shape_name: str, steps: int = 8, warmup: int = 3) -> dict:
     shape = SHAPES[shape_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if variant.endswith("_graphs") and device.type != "cuda":
+        return {"variant": variant, "shape": shape_name, "status": "skipped", "reason": "CUDA graphs need a GPU"}
     model = build(variant, shape, device)
     padded = variant == "hf_bf16_padded"
     batches = [{k: v.to(device) for k, v in (padded_batch if padded else flat_batch)(docs).items()}

@@ -82,7 +82,7 @@ class FinetuneConfig:
     save_every: int | None = None
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP
-    cuda_graphs: bool = False  # replay the decoder layers as CUDA graphs (GPU; needs across_documents)
+    cuda_graphs: bool = False  # replay the decoder layers as CUDA graphs (GPU; under DDP needs across_documents)
     across_documents: bool = False  # plain blocks whose tokens attend across document boundaries (as CUDA graphs
     # need); by default each document attends only to itself, trained padding-free
     skip_bad_lines: bool = False
@@ -107,9 +107,9 @@ def _defaults(config: FinetuneConfig, on_gpu: bool, processes: int = 1) -> Finet
         raise FinetuneError("--merge-lora merges LoRA adapters; pass --lora RANK too")
     if config.lora and config.cuda_graphs:
         raise FinetuneError("--cuda-graphs cannot record LoRA adapters yet; drop one of --lora and --cuda-graphs")
-    if config.cuda_graphs and not config.across_documents:
-        raise FinetuneError("--cuda-graphs records fixed-length blocks, but by default each document attends only to "
-                            "itself, a layout that changes every step (run padding-free, without graphs); add "
+    if config.cuda_graphs and not config.across_documents and processes > 1:
+        raise FinetuneError("--cuda-graphs under DDP records plain blocks, but by default each document attends only "
+                            "to itself (packed blocks, which graphs serve on one GPU only); add "
                             "--attend-across-documents for plain blocks, or drop --cuda-graphs")
     if config.fsdp and config.lora:
         raise FinetuneError("--fsdp cannot shard a model carrying LoRA adapters; LoRA trains few parameters, so "

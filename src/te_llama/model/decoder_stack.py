@@ -11,8 +11,8 @@ TRL's fused LM head and Liger-style patches do. One pass (:meth:`TEDecoderStack.
    the token count FP8 needs;
 3. check FP8's token-count alignment where no stream pads it (:func:`te_llama.training.fp8.check_token_alignment`),
    or have the KV-cache path pad it (:class:`te_llama.model.kv_cache.TokenRows`);
-4. record or arm the CUDA graphs: the training step's (:mod:`te_llama.training.cuda_graphs`), or on HF's static
-   cache the decode step's (:mod:`te_llama.generation.decode_graphs`);
+4. record or arm the CUDA graphs: the training step's (:mod:`te_llama.training.cuda_graphs`; for whole rows or for
+   fixed-size packed blocks), or on HF's static cache the decode step's (:mod:`te_llama.generation.decode_graphs`);
 5. choose TE's ``is_first_microbatch`` for the FP8 weight cache (:mod:`te_llama.training.weight_cache`), and in
    ``generate()`` (:meth:`TEDecoderStack.generation_call`);
 6. run HF's forward under ``te.autocast`` with the model's recipe (:func:`te_llama.training.fp8.autocast`).
@@ -129,8 +129,8 @@ class TEDecoderStack:
                                                 kwargs.get("is_first_microbatch"))
         with ExitStack() as stack:
             stack.enter_context(te_patches.rowwise_weight_cache_scope(caches))  # also while graphs are recorded
-            graph = (self._graph_for(tokens, attention_mask, fp8, caches)
-                     if settings.cuda_graphs and training and kwargs.get("packed_sequences") is None else None)
+            graph = (self._graph_for(tokens, attention_mask, fp8, caches, kwargs.get("packed_sequences"))
+                     if settings.cuda_graphs and training else None)
             if caches:
                 kwargs.setdefault("is_first_microbatch", self.weight_cache().is_first_microbatch(
                     settings.fp8_recipe, always_cache=graph is not None and graph.caches_weights))
@@ -159,8 +159,9 @@ class TEDecoderStack:
         """What this forward's token count must be a multiple of: FP8 GEMMs' alignment, or 1 in BF16."""
         return token_alignment(self.te_settings.fp8_recipe_name) if fp8 else 1
 
-    def _graph_for(self, tokens: torch.Tensor, attention_mask, fp8: bool, caches: bool):
-        """The CUDA graph this training forward may replay, recorded first where needed (or ``None``)."""
+    def _graph_for(self, tokens: torch.Tensor, attention_mask, fp8: bool, caches: bool, packed=None):
+        """The CUDA graph this training forward may replay, recorded first where needed (or ``None``); ``packed``:
+        the batch as a padding-free stream, where it is one."""
         settings = self.te_settings
         if has_adapters(self.layers):
             raise graphs.CudaGraphError("CUDA graphs do not record PEFT adapters yet: call "
@@ -171,7 +172,7 @@ class TEDecoderStack:
         graphs.record_layer_graphs_once(
             self, tokens.shape, attention_mask, settings.fp8_recipe if fp8 else None,
             cache_weights=caches and self.weight_cache().keeps_casts(settings.fp8_recipe),
-            group=settings.graph_peers.group)
+            group=settings.graph_peers.group, packed=packed)
         return self.layers[0].cuda_graph
 
     def weight_cache(self) -> FP8WeightCache:

@@ -140,6 +140,11 @@ class DecoderLayerAdapter:
                                       kwargs.get("fp8_token_alignment", 1), kwargs.get("is_first_microbatch"))
         packed = kwargs.get("packed_sequences")
         if packed is not None:  # padded or packed rows, as TE's thd stream (packed.py)
+            if self.cuda_graph is not None and not adapters:
+                output = self.cuda_graph.packed_layer_forward(self.layer_idx, hidden_states, packed,
+                                                              position_embeddings, kwargs.get("is_first_microbatch"))
+                if output is not None:
+                    return output
             return forward_packed(self, hidden_states, packed, position_embeddings, adapters,
                                   kwargs.get("is_first_microbatch"))
         mask, angles = position_embeddings.te_inputs(attention_mask, hidden_states.shape[0], self.attention_window)

@@ -25,13 +25,14 @@ does the same); the layers of that forward share the result.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from te_llama.model.adapters import attention_adapters, mlp_output, plus_bias, qkv_heads
-from te_llama.model.rope import RotaryAngles
+from te_llama.model.reference_layer import positions_in_sequences
+from te_llama.model.rope import RotaryAngles, angle_table
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,25 @@ class PackedSequences:
     max_seqlen: int
     real_tokens: int
     """Tokens taken from the batch; the stream may be longer by the alignment padding."""
+    stream_tokens: int
+    """The stream's length, ``cu_seqlens[-1]`` (kept on the host: reading the device tensor would wait for the GPU)."""
 
     @property
-    def stream_tokens(self) -> int:
-        return int(self.cu_seqlens[-1])
+    def sequences(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    @property
+    def every_token_real(self) -> bool:
+        """Whether the stream is the whole batch, nothing dropped and nothing appended (as for fixed-size blocks of
+        packed documents): then its token count is fixed by the batch's shape."""
+        b, s = self.batch_shape
+        return self.token_index is None and self.real_tokens == self.stream_tokens == b * s
+
+    def with_capacity(self, capacity: int, max_seqlen: int) -> PackedSequences:
+        """These sequences in fixed shapes, as a CUDA graph takes them: ``cu_seqlens`` of ``capacity + 1`` entries
+        (empty sequences at the end) and ``max_seqlen`` the bound ``max_seqlen``."""
+        padding = self.cu_seqlens[-1:].expand(capacity - self.sequences)
+        return replace(self, cu_seqlens=torch.cat((self.cu_seqlens, padding)), max_seqlen=max_seqlen)
 
     def pack(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[b, s, hidden]`` -> ``[stream_tokens, hidden]``."""
@@ -104,26 +120,43 @@ def packed_sequences(tokens: torch.Tensor, attention_mask: torch.Tensor | None =
     if real % alignment:
         lengths.append(-real % alignment)  # a sequence of zeros makes the stream a length FP8's GEMMs take
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-    return PackedSequences((b, s), index, cu, max(lengths), real)
+    return PackedSequences((b, s), index, cu, max(lengths), real, sum(lengths))
 
 
-def _rotary(layer: nn.Module, x: torch.Tensor, table: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
+def token_angle_table(packed: PackedSequences, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE angles of each token of the stream at its position in its own sequence, ``[stream_tokens, 1, 1, dim]``
+    float32: computed on the device from ``cu_seqlens`` alone (no host read), as a CUDA graph's input."""
+    return angle_table(positions_in_sequences(packed.cu_seqlens, packed.stream_tokens), inv_freq)
+
+
+def _rotary(layer: nn.Module, x: torch.Tensor, table: torch.Tensor, packed: PackedSequences,
+            per_token: bool) -> torch.Tensor:
     if layer.backend == "te":
         from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
     else:
         from te_llama.model.reference_layer import apply_rotary_pos_emb
+    if per_token:  # the stream as one row whose table holds every token's own angles
+        return apply_rotary_pos_emb(x[None], table, tensor_format="bshd", fused=True)[0]
     return apply_rotary_pos_emb(x, table, tensor_format="thd", fused=True, cu_seqlens=packed.cu_seqlens)
 
 
-def forward_packed(layer: nn.Module, hidden_states: torch.Tensor, packed: PackedSequences, rotary: RotaryAngles,
-                   adapters: dict[str, nn.Module], is_first_microbatch: bool | None) -> torch.Tensor:
-    """One decoder layer on the real tokens of ``hidden_states`` ``[b, s, hidden]`` (see the module docstring)."""
+def forward_packed(layer: nn.Module, hidden_states: torch.Tensor, packed: PackedSequences,
+                   rotary: RotaryAngles | None, adapters: dict[str, nn.Module], is_first_microbatch: bool | None,
+                   token_angles: torch.Tensor | None = None, weights_cached: bool | None = None) -> torch.Tensor:
+    """One decoder layer on the real tokens of ``hidden_states`` ``[b, s, hidden]`` (see the module docstring).
+
+    ``token_angles``: RoPE from this per-token table (:func:`token_angle_table`) instead of the table from 0 that
+    TE's ``thd`` RoPE indexes by ``cu_seqlens``: what a CUDA graph of packed batches runs, whose ``cu_seqlens`` ends
+    in empty sequences, over which TE's ``thd`` RoPE kernel spends its grid. ``weights_cached``: as in
+    :meth:`te_llama.model.layer.DecoderLayerAdapter.te_forward`."""
     attention = layer.self_attention
-    x = packed.pack(layer.drop_cached_transposes(hidden_states, is_first_microbatch is not None))
-    table = rotary.angle_table_from_zero(packed.max_seqlen)
+    cached = is_first_microbatch is not None if weights_cached is None else weights_cached
+    x = packed.pack(layer.drop_cached_transposes(hidden_states, cached))
+    per_token = token_angles is not None
+    table = token_angles if per_token else rotary.angle_table_from_zero(packed.max_seqlen)
     with attention_adapters(attention, adapters):
         q, k, v = qkv_heads(layer, x, is_first_microbatch)
-        q, k = _rotary(layer, q, table, packed), _rotary(layer, k, table, packed)
+        q, k = _rotary(layer, q, table, packed, per_token), _rotary(layer, k, table, packed, per_token)
         context = attention.core_attention(
             q, k, v, qkv_format="thd", attn_mask_type="padding_causal", cu_seqlens_q=packed.cu_seqlens,
             cu_seqlens_kv=packed.cu_seqlens, max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen,

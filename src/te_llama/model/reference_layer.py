@@ -41,11 +41,14 @@ def positions_in_sequences(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tenso
 
 def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, tensor_format: str = "sbhd", interleaved: bool = False,
                          fused: bool = False, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """TE's ``apply_rotary_pos_emb`` for the packed ``"thd"`` format: ``t`` is ``[tokens, heads, dim]``, ``freqs``
-    the ``[max_seqlen, 1, 1, dim]`` angle table, and positions restart at 0 at each ``cu_seqlens`` boundary."""
-    if tensor_format != "thd" or interleaved or cu_seqlens is None:
+    """TE's ``apply_rotary_pos_emb`` for the packed ``"thd"`` format (``t`` is ``[tokens, heads, dim]``, ``freqs``
+    the ``[max_seqlen, 1, 1, dim]`` angle table, and positions restart at 0 at each ``cu_seqlens`` boundary) and for
+    ``"bshd"`` (``t`` is ``[b, s, heads, dim]``, ``freqs`` one angle per position ``[s, 1, 1, dim]``)."""
+    if interleaved or tensor_format not in ("thd", "bshd") or (tensor_format == "thd") != (cu_seqlens is not None):
         raise NotImplementedError("the reference apply_rotary_pos_emb implements tensor_format='thd' with "
-                                  "cu_seqlens, non-interleaved")
+                                  "cu_seqlens and 'bshd' without, non-interleaved")
+    if tensor_format == "bshd":
+        return apply_rotary(t, freqs)
     return rotate(t, freqs[positions_in_sequences(cu_seqlens, t.shape[0]), 0])
 
 

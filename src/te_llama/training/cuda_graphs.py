@@ -19,7 +19,9 @@ the layers after the first therefore see the stack's output; a forward that asks
 When the graph replays (checked on every call, otherwise the layers run eagerly as before):
 
 - training mode with gradients enabled, and no gradient checkpointing;
-- the batch shape and dtype it was recorded with, and plain causal attention (no padding mask);
+- the batch shape and dtype it was recorded with, and the layout: plain causal attention on whole rows (no padding
+  mask), or, where the graph was recorded for packed batches, rows of packed documents with every token real
+  (below);
 - the same FP8 state: the model's recipe inside its ``te.autocast``, or BF16 if recorded without FP8; and the
   same ``torch.autocast`` state (the Trainer's ``bf16=True`` turns it on);
 - the layers' parameters hold no gradient yet. Replays write parameter gradients straight into the graph's
@@ -30,6 +32,15 @@ When the graph replays (checked on every call, otherwise the layers run eagerly 
 The model records the graph at its first training forward that qualifies (see
 :meth:`te_llama.model.modeling.TELlamaForCausalLM.enable_cuda_graphs`), once: batches of another shape run eagerly,
 and only a change of FP8 recipe records it again.
+
+Packed batches at a fixed token budget (``te-llama finetune``'s blocks of packed documents: the same ``[b, s]``
+every step, every token real, a different split into documents each time) run as a padding-free stream
+(:mod:`te_llama.model.packed`), whose only input of data-dependent shape is ``cu_seqlens``. Where the first training
+batch is such a batch, the graph records the stream's forward with ``cu_seqlens`` of fixed length
+(:class:`Packing`: room for twice that batch's documents, at least :data:`MIN_CAPACITY`, the rest filled with
+empty sequences) and ``max_seqlen`` a row; RoPE takes a per-token angle table made on the GPU from ``cu_seqlens``
+(TE's ``thd`` RoPE kernel would spend its grid on the empty sequences). A batch with more documents, with padding
+or FP8's alignment padding runs eagerly. Not under DDP: there packed batches count as padded.
 
 Under DDP (several processes), ``enable_cuda_graphs()``, called before DDP wraps the model, keeps two things
 (:class:`GraphPeers`):
@@ -53,11 +64,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from te_llama.training.distributed import host_group, on_any_process
 from te_llama.model.masks import is_causal_marker
+from te_llama.model.packed import PackedSequences, forward_packed, token_angle_table
+from te_llama.model.rope import RotaryAngles
 from te_llama.model.whole_stack_call import WholeStackCall
 
 logger = logging.getLogger("te_llama")
@@ -90,12 +104,63 @@ class _StackCall(torch.nn.Module):
         return hidden_states
 
 
+class _PackedStackCall(_StackCall):
+    """What a graph of packed batches records: the layers' padding-free forward (:mod:`te_llama.model.packed`) on
+    the stream of a fixed-shape batch whose every token is real, its sequences in a ``cu_seqlens`` of fixed length
+    (:data:`Packing`), RoPE from the per-token angle table."""
+
+    def __init__(self, layers, packing: Packing):
+        super().__init__(layers)
+        self.packing = packing
+
+    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: torch.Tensor, cu_seqlens: torch.Tensor,
+                is_first_microbatch: bool | None = None) -> torch.Tensor:
+        b, s = hidden_states.shape[:2]
+        packed = PackedSequences((b, s), None, cu_seqlens, self.packing.max_seqlen, b * s, b * s)
+        for layer in self.layers:
+            hidden_states = forward_packed(layer, hidden_states, packed, None, {}, is_first_microbatch,
+                                           token_angles=rotary_pos_emb, weights_cached=self.caches_weights)
+        return hidden_states
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The fixed shapes a graph of packed batches takes: up to ``capacity`` sequences per batch, none longer than
+    ``max_seqlen`` (a row)."""
+
+    capacity: int
+    max_seqlen: int
+
+    @classmethod
+    def for_batch(cls, packed: PackedSequences) -> Packing:
+        """Room for twice the sequences of the batch a graph is recorded at (at least :data:`MIN_CAPACITY`): the
+        empty ones cost attention little. A batch with more runs eagerly."""
+        capacity = max(MIN_CAPACITY, 2 * packed.sequences)
+        return cls(-(-capacity // 16) * 16, packed.batch_shape[1])
+
+    def eager_reason(self, packed: PackedSequences) -> str | None:
+        if not packed.every_token_real:
+            return "the packed batch has padding tokens or more tokens than its rows (FP8's alignment padding)"
+        if packed.sequences > self.capacity:
+            return (f"a packed batch of {packed.sequences} sequences; the CUDA graphs take up to {self.capacity} "
+                    "(recorded for twice the first batch's)")
+        if packed.max_seqlen > self.max_seqlen:
+            return f"a sequence of {packed.max_seqlen} tokens, longer than a row ({self.max_seqlen})"
+        return None
+
+
+MIN_CAPACITY = 64
+"""The fewest sequences a graph of packed batches takes room for."""
+
+
 class StackGraph:
     """The decoder layers' recorded forward and backward, and the conditions under which they replay."""
 
     def __init__(self, calls: tuple[_StackCall, ...], shape: torch.Size, dtype: torch.dtype, recipe,
-                 caches_weights: bool = False, group=None):
+                 caches_weights: bool = False, group=None, packing: Packing | None = None):
         self.calls = calls
+        self.packing = packing
+        """Recorded for packed batches (their fixed shapes), or ``None``: for batches of whole rows."""
         """The recorded parts of the stack, in order (see :func:`split_stack`)."""
         self.shape, self.dtype, self.recipe = shape, dtype, recipe
         self.caches_weights = caches_weights
@@ -111,12 +176,12 @@ class StackGraph:
         self._stack_call = WholeStackCall()  # the layers after the first hand the replay's output on
         self._reported: set[str] = set()  # reasons for eager training forwards already logged
 
-    def replays(self, hidden_states: torch.Tensor, mask_type: str) -> bool:
+    def replays(self, hidden_states: torch.Tensor, mask_type: str, packed: PackedSequences | None = None) -> bool:
         """Whether the first layer's call can replay the graph (see the module docstring); under DDP, whether it
         can in every process (they vote on every training forward). A training forward that cannot says why, once
         per reason, unless the reason is expected (evaluation, a batch of another shape, which
-        :func:`record_layer_graphs_once` reports)."""
-        reason = self.eager_reason(hidden_states, mask_type)
+        :func:`record_layer_graphs_once` reports). ``packed``: the batch as a padding-free stream, where it is one."""
+        reason = self.eager_reason(hidden_states, mask_type, packed)
         if self.group is not None and self._training_forward():
             if _on_any_process(reason is not None, self.group) and reason is None:
                 reason = "another process runs this forward's layers eagerly (its log says why)"
@@ -126,12 +191,20 @@ class StackGraph:
                         reason)
         return reason is None
 
-    def eager_reason(self, hidden_states: torch.Tensor, mask_type: str) -> str | None:
+    def eager_reason(self, hidden_states: torch.Tensor, mask_type: str,
+                     packed: PackedSequences | None = None) -> str | None:
         """``None`` where the first layer's call can replay the graph; otherwise why not (``""`` where that is
         expected: evaluation, no gradients, another batch shape, a forward that asks for per-layer outputs)."""
         if not (self._training_forward() and hidden_states.shape == self.shape):
             return ""
-        if mask_type != "causal":
+        if (packed is None) != (self.packing is None):
+            recorded = "packed batches" if self.packing is not None else "batches of whole rows"
+            return f"a {'packed batch' if packed is not None else 'batch of whole rows'}; recorded for {recorded}"
+        if packed is not None:
+            reason = self.packing.eager_reason(packed)
+            if reason is not None:
+                return reason
+        elif mask_type != "causal":
             return "the batch has padding (an attention mask that is not plain causal)"
         if hidden_states.dtype != self.dtype:
             return f"hidden states of {hidden_states.dtype}, recorded for {self.dtype}"
@@ -156,16 +229,34 @@ class StackGraph:
         """The output of decoder layer ``layer_idx`` from the graph, or ``None``: the layer runs eagerly.
         ``is_first_microbatch``: TE's argument (``False``: reuse the cached FP8 weights; ``None`` or ``True``:
         cast them), see :mod:`te_llama.training.weight_cache`."""
-        if layer_idx == 0:
-            self._stack_call.start()
-            if not self.replays(hidden_states, mask_type):
-                return None
-            self.replays_done += 1
-            cache = {"is_first_microbatch": is_first_microbatch is not False} if self.caches_weights else {}
-            output = hidden_states
-            for call in self.calls:
-                output = call(output, rotary_pos_emb=rotary_pos_emb, **cache)
-            return self._stack_call.computed(output)
+        if layer_idx > 0:
+            return self._handed_on(hidden_states)
+        self._stack_call.start()
+        if not self.replays(hidden_states, mask_type):
+            return None
+        return self._replay(hidden_states, {"rotary_pos_emb": rotary_pos_emb}, is_first_microbatch)
+
+    def packed_layer_forward(self, layer_idx: int, hidden_states: torch.Tensor, packed: PackedSequences,
+                             rotary: RotaryAngles, is_first_microbatch: bool | None = None) -> torch.Tensor | None:
+        """:meth:`layer_forward` for a batch that runs as a padding-free stream (``packed``)."""
+        if layer_idx > 0:
+            return self._handed_on(hidden_states)
+        self._stack_call.start()
+        if not self.replays(hidden_states, "padding_causal", packed):
+            return None
+        fixed = packed.with_capacity(self.packing.capacity, self.packing.max_seqlen)
+        inputs = {"rotary_pos_emb": token_angle_table(fixed, rotary.inv_freq), "cu_seqlens": fixed.cu_seqlens}
+        return self._replay(hidden_states, inputs, is_first_microbatch)
+
+    def _replay(self, hidden_states: torch.Tensor, inputs: dict, is_first_microbatch: bool | None) -> torch.Tensor:
+        self.replays_done += 1
+        cache = {"is_first_microbatch": is_first_microbatch is not False} if self.caches_weights else {}
+        output = hidden_states
+        for call in self.calls:
+            output = call(output, **inputs, **cache)
+        return self._stack_call.computed(output)
+
+    def _handed_on(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if self._stack_call.hands_on(hidden_states):
             return hidden_states  # this layer ran inside the replay of the first layer's call
         return None
@@ -182,7 +273,7 @@ DDP_PARTS = 4
 """Under DDP, the layers after the first are recorded in this many graphs (see :func:`split_stack`)."""
 
 
-def split_stack(layers, ddp: bool = False) -> tuple[_StackCall, ...]:
+def split_stack(layers, ddp: bool = False, packing: Packing | None = None) -> tuple[_StackCall, ...]:
     """The parts the stack is recorded in: the first layer alone, then the others.
 
     Launching a graph costs the host time in proportion to its kernels (milliseconds for Llama-3-8B's 32 layers),
@@ -192,23 +283,32 @@ def split_stack(layers, ddp: bool = False) -> tuple[_StackCall, ...]:
     a copy of the first layer's output per step.
 
     ``ddp``: the others in :data:`DDP_PARTS` graphs, so that DDP gets each part's gradients when its backward ends
-    and all-reduces them while the earlier parts' backward runs.
+    and all-reduces them while the earlier parts' backward runs. ``packing``: the parts of a graph of packed
+    batches.
     """
+    def part(chunk) -> _StackCall:
+        return _StackCall(chunk) if packing is None else _PackedStackCall(chunk, packing)
+
     layers = list(layers)
     if len(layers) < 2:
-        return (_StackCall(layers),)
+        return (part(layers),)
     rest = layers[1:]
     size = -(-len(rest) // DDP_PARTS) if ddp else len(rest)
-    return (_StackCall(layers[:1]),) + tuple(_StackCall(rest[i:i + size]) for i in range(0, len(rest), size))
+    return (part(layers[:1]),) + tuple(part(rest[i:i + size]) for i in range(0, len(rest), size))
 
 
 def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_mask: torch.Tensor | None,
-                             recipe, cache_weights: bool = False, group=None) -> None:
+                             recipe, cache_weights: bool = False, group=None,
+                             packed: PackedSequences | None = None) -> None:
     """Record the graph of ``llama_model``'s decoder layers (a HF ``LlamaModel``) for this training batch,
     unless it exists for this FP8 recipe (``None``: BF16), dtype and FP8 weight caching (see
     :mod:`te_llama.training.weight_cache`): one recording serves a run, and batches of another shape run eagerly. A padded
     batch records nothing (its layers run eagerly). ``group``: under DDP, the processes' gloo group
-    (:class:`GraphPeers`); they all record at the first forward where any of them has a batch without padding."""
+    (:class:`GraphPeers`); they all record at the first forward where any of them has a batch without padding.
+
+    ``packed``: the batch runs as a padding-free stream (:mod:`te_llama.model.packed`). Where every token of it is
+    real (fixed-size blocks of packed documents: a fixed token budget), the graph is recorded for packed batches
+    of this shape (:class:`Packing`), in one process only: under DDP packed batches count as padded."""
     layers = llama_model.layers
     if any(layer.gradient_checkpointing for layer in layers):  # HF's property walks all modules
         raise CudaGraphError("CUDA graphs are enabled and so is gradient checkpointing; turn one of them off")
@@ -223,13 +323,17 @@ def record_layer_graphs_once(llama_model, tokens_shape: torch.Size, attention_ma
                         tuple(graph.shape[:2]))
         return
     padded = attention_mask is not None and not is_causal_marker(attention_mask) and not bool(attention_mask.all())
+    packing = None
+    if packed is not None:
+        packing = Packing.for_batch(packed)
+        padded = padded or group is not None or packing.eager_reason(packed) is not None
     if group is not None:  # the recording takes no batch: a process with padding records for the others' sake
-        padded = not _on_any_process(not padded, group)
+        padded, packing = not _on_any_process(not padded, group), None
     if padded:
         return
     release_layer_graphs(layers)
     graph = record_layer_graphs(layers, llama_model.rotary_emb, *tokens_shape, llama_model.config.hidden_size,
-                                dtype, recipe, cache_weights, group)
+                                dtype, recipe, cache_weights, group, packing)
     for layer in layers:
         layer.cuda_graph = graph
 
@@ -308,38 +412,52 @@ def accumulate_grads_on_side_stream(params) -> tuple:
 
 
 def record_layer_graphs(layers, rotary_emb, batch: int, seq: int, hidden: int, dtype: torch.dtype,
-                        recipe, cache_weights: bool = False, group=None) -> StackGraph:
+                        recipe, cache_weights: bool = False, group=None,
+                        packing: Packing | None = None) -> StackGraph:
     """Record the forward and backward graphs of ``layers`` (all of a model's decoder layers, in order) for
     ``[batch, seq]`` token batches; ``recipe`` is the TE FP8 recipe the model trains with (``None``: BF16);
     ``cache_weights``: replays may reuse the previous FP8 weight cast (:mod:`te_llama.training.weight_cache`; only with a
-    recipe, as :func:`record_layer_graphs_once` passes it); ``group``: under DDP, the processes' gloo group."""
+    recipe, as :func:`record_layer_graphs_once` passes it); ``group``: under DDP, the processes' gloo group;
+    ``packing``: for packed batches in these shapes (:class:`Packing`)."""
     import transformer_engine.pytorch as te
 
     layers = list(layers)
     if any(layer.training is False for layer in layers):
         raise CudaGraphError("CUDA graphs are recorded for training: call model.train() first")
     device = next(layers[0].parameters()).device
-    positions = torch.arange(seq, device=device)[None]
-    _, angles = rotary_emb(torch.empty(0, device=device), positions).te_inputs(None, batch)
-    calls = split_stack(layers, ddp=group is not None)
+    calls = split_stack(layers, ddp=group is not None, packing=packing)
     for call in calls:
         call.caches_weights = cache_weights
     samples = tuple((torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True),)
                     for _ in calls)
-    angles = angles.clone()  # one input buffer for the RoPE table, read by both graphs
+    inputs = _sample_inputs(rotary_emb, batch, seq, device, packing)  # one buffer each, read by all the graphs
     # Under torch.autocast (the Trainer's bf16=True) record with the same autocast dtype; TE refuses autocast's
     # weight-cast cache, which would keep tensors of the recording alive.
     autocast = _autocast_state()
     with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=bool(autocast), cache_enabled=False), \
             _weight_skip_flag(cache_weights), _explain_capture_failure_under_ddp():
-        te.make_graphed_callables(calls, samples,
-                                  sample_kwargs=tuple({"rotary_pos_emb": angles} for _ in calls),
+        te.make_graphed_callables(calls, samples, sample_kwargs=tuple(inputs for _ in calls),
                                   enabled=recipe is not None, recipe=recipe, clone_param_grads_on_return=False,
                                   cache_quantized_params=cache_weights,
                                   post_warmup_hook=_release_warmup_memory)
     torch.cuda.empty_cache()
-    logger.info("recorded CUDA graphs of %d decoder layers for batches of %d x %d tokens", len(layers), batch, seq)
-    return StackGraph(calls, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights, group)
+    logger.info("recorded CUDA graphs of %d decoder layers for batches of %d x %d tokens%s", len(layers), batch, seq,
+                "" if packing is None else f", packed documents (up to {packing.capacity} per batch)")
+    return StackGraph(calls, torch.Size((batch, seq, hidden)), dtype, recipe, cache_weights, group, packing)
+
+
+def _sample_inputs(rotary_emb, batch: int, seq: int, device: torch.device, packing: Packing | None) -> dict:
+    """The inputs besides the hidden states that the graphs are recorded with, and copied into at each replay: the
+    RoPE table, and for packed batches ``cu_seqlens`` (the rows as sequences, then empty ones)."""
+    if packing is None:
+        positions = torch.arange(seq, device=device)[None]
+        _, angles = rotary_emb(torch.empty(0, device=device), positions).te_inputs(None, batch)
+        return {"rotary_pos_emb": angles.clone()}
+    tokens = batch * seq
+    rows = PackedSequences((batch, seq), None, torch.arange(0, tokens + 1, seq, dtype=torch.int32, device=device),
+                           seq, tokens, tokens).with_capacity(packing.capacity, packing.max_seqlen)
+    inv_freq = rotary_emb.inv_freq.to(device=device, dtype=torch.float32)
+    return {"rotary_pos_emb": token_angle_table(rows, inv_freq), "cu_seqlens": rows.cu_seqlens}
 
 
 @contextmanager
