@@ -9,6 +9,8 @@ per-tensor scale, in a tensor subclass that answers what te-llama asks of TE's (
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -50,7 +52,8 @@ def model(hf_checkpoint):
     directory, hf = hf_checkpoint(tiny_config())
     te = TELlamaForCausalLM.from_pretrained(directory)
     settings = te.model.te_settings
-    settings.fp8_config, settings.fp8_recipe = FP8Config(recipe="current"), object()
+    recipe = types.SimpleNamespace(delayed=lambda: False, float8_current_scaling=lambda: True)  # as TE's answers
+    settings.fp8_config, settings.fp8_recipe = FP8Config(recipe="current"), recipe
     return te.requires_grad_(False), hf
 
 
@@ -76,6 +79,8 @@ def test_the_frozen_projection_and_mlp_weights_are_replaced_and_qkv_kept(model, 
         else:
             assert torch.equal(weight, before[name])
     assert te.model.te_settings.fp8_active(training=False)  # evaluation runs in FP8 now, in_eval or not
+    # per-tensor FP8 (current scaling): each layer's backward drops the transposes it makes of them
+    assert all(layer.drops_weight_transposes for layer in te.model.layers)
 
 
 def test_trainable_weights_are_refused_and_nothing_changes(model, rounding):
@@ -123,7 +128,7 @@ def test_dequantize_weights_gives_plain_parameters_with_the_fp8_values(model, ro
     te.quantize_frozen_weights()
     fp8 = {name: weight.dequantize() for name, weight in _weights(te).items() if name.endswith(KEPT)}
     te.dequantize_weights()
-    assert te.weights_in_fp8 is None
+    assert te.weights_in_fp8 is None and not any(layer.drops_weight_transposes for layer in te.model.layers)
     for name, value in fp8.items():
         weight = _weights(te)[name]
         assert type(weight) is torch.nn.Parameter and not weight.requires_grad and torch.equal(weight, value)

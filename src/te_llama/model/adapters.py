@@ -237,6 +237,7 @@ def forward_with_adapters(layer: nn.Module, adapters: dict[str, nn.Module], hidd
         if not any(name in adapters for name in MLP_SITES):
             return layer.te_forward(hidden_states, rotary_pos_emb, mask, mask_type, is_first_microbatch,
                                     weights_cached=False)
+        hidden_states = layer.drop_cached_transposes(hidden_states, weights_cached=False)  # FP8 weights' transposes
         # TE's TransformerLayer hands its window_size to the attention at each call; so must a direct call.
         attention = layer.self_attention(hidden_states, attention_mask=mask, attn_mask_type=mask_type,
                                          window_size=layer.window_size, rotary_pos_emb=rotary_pos_emb,

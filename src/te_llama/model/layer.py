@@ -91,6 +91,9 @@ class DecoderLayerAdapter:
     backend: Backend
     cuda_graph = None
     """The model's :class:`te_llama.training.cuda_graphs.StackGraph` once it has recorded CUDA graphs, else ``None``."""
+    drops_weight_transposes = False
+    """The layer's weights are kept in per-tensor FP8 (:mod:`te_llama.training.fp8_weights`): its backward drops the
+    transposes it made of them."""
 
     def __init__(self, config, layer_idx: int):
         biases = check_config(config).biases(config)
@@ -175,8 +178,9 @@ class DecoderLayerAdapter:
 
     def drop_cached_transposes(self, hidden_states: torch.Tensor, weights_cached: bool) -> torch.Tensor:
         """``hidden_states``, marked so that this layer's backward drops the transposes of cached FP8 weights it made
-        (:mod:`te_llama.training.weight_cache_rowwise`), where that applies."""
-        if weights_cached and self.backend == "te" and te_patches.installed("rowwise_weight_cache"):
+        (:mod:`te_llama.training.weight_cache_rowwise`) or of its weights kept in FP8, where that applies."""
+        cached = weights_cached and te_patches.installed("rowwise_weight_cache")
+        if self.backend == "te" and (cached or self.drops_weight_transposes):
             from te_llama.training.weight_cache_rowwise import drop_transposes_after_backward
 
             return drop_transposes_after_backward(self, hidden_states)

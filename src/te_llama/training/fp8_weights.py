@@ -19,8 +19,13 @@ weight from the amax history of its earlier casts; a weight never cast again has
 quantized with current scaling (the scale from the weight's own amax): for an unchanging weight that is the scale
 delayed scaling converges to, without its first casts at scale 1.
 
-Usages: ``for_training`` (a backward will run through the weights, as in LoRA: it needs the column-wise copy, on
-Hopper the transpose) quantizes both copies; otherwise only the row-wise one the forward reads.
+Usages: the forward reads the row-wise copy; a backward through the weights (LoRA's input gradients) reads the
+column-wise one. Per-tensor FP8 (delayed and current scaling) keeps the row-wise copy alone, one byte per weight:
+on Hopper TE's backward transposes it where it needs the column-wise copy (the same bytes), and each decoder
+layer's backward drops its transposes again when it ends (as the weight cache's row-wise copy does,
+:func:`te_llama.training.weight_cache_rowwise.drop_transposes_after_backward`), so one layer's are alive at a time;
+newer GPUs read the row-wise copy both ways. Block and MXFP8 scales run along one direction, so their column-wise
+copy is quantized too where ``for_training``.
 
 What changes for the model: its forwards run in FP8 also in evaluation (a BF16 forward would dequantize every
 weight at every call); the weights' values are their FP8 roundings, which :func:`dequantize` turns back into
@@ -82,17 +87,23 @@ def same_format(recipe_name: str, other: str) -> bool:
     return _FORMATS[recipe_name] == _FORMATS[other]
 
 
+def per_tensor(recipe) -> bool:
+    """Whether ``recipe``'s weights are per-tensor FP8 (``Float8Tensor``), whose column-wise copy is a transpose."""
+    return recipe.delayed() or recipe.float8_current_scaling()
+
+
 def weight_quantizer(recipe, for_training: bool):
     """A quantizer that makes one weight's FP8 tensor for ``recipe`` (TE's recipe object); see the module docstring
-    for delayed scaling."""
+    for delayed scaling and the usages."""
     from transformer_engine.common import recipe as te_recipes
     from transformer_engine.pytorch.quantization import RecipeState
 
+    columnwise = for_training and not per_tensor(recipe)
     if recipe.delayed():
         recipe = te_recipes.Float8CurrentScaling(fp8_format=recipe.fp8_format)
     # TE's slots of a linear module's forward are [input, weight, output]: slot 1 is a weight's quantizer.
     quantizer = RecipeState.create(recipe, mode="forward", num_quantizers=3).make_quantizers()[1]
-    quantizer.set_usage(rowwise=True, columnwise=for_training)
+    quantizer.set_usage(rowwise=True, columnwise=columnwise)
     quantizer.internal = False  # a full QuantizedTensor, which can be a parameter
     return quantizer
 
@@ -129,6 +140,8 @@ def quantize(layers, recipe, for_training: bool) -> int:
         if not is_quantized(weight):
             _replace(module, name, quantizer(weight.detach()))
             count += 1
+    for layer in layers:
+        layer.drops_weight_transposes = per_tensor(recipe)
     _forget_unfused_mlps(layers)
     torch.cuda.empty_cache()
     return count
@@ -144,6 +157,8 @@ def dequantize(layers, dtype: torch.dtype) -> int:
         if is_quantized(weight):
             _replace(module, name, weight.dequantize(dtype=dtype))
             count += 1
+    for layer in layers:
+        layer.drops_weight_transposes = False
     _forget_unfused_mlps(layers)
     return count
 

@@ -54,11 +54,13 @@ def rowwise_when_cached(original: Callable, active: Callable[[], bool]) -> Calla
 
 
 def cached_weights(module: torch.nn.Module) -> list:
-    """The per-tensor FP8 weights TE has cached in ``module`` and its submodules (``Float8TensorStorage``s)."""
+    """The per-tensor FP8 weights TE has cached in ``module`` and its submodules (``Float8TensorStorage``s), and
+    the weights kept in FP8 among their parameters (:mod:`te_llama.training.fp8_weights`)."""
     from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Float8TensorStorage
 
-    return [workspace for child in module.modules() for workspace in getattr(child, "_fp8_workspaces", {}).values()
-            if isinstance(workspace, Float8TensorStorage)]
+    return [weight for child in module.modules()
+            for weight in (*getattr(child, "_fp8_workspaces", {}).values(), *child._parameters.values())
+            if isinstance(weight, Float8TensorStorage)]
 
 
 def drop_transposes(layer: torch.nn.Module) -> int:
