@@ -23,8 +23,9 @@ Usages: the forward reads the row-wise copy; a backward through the weights (LoR
 column-wise one. Per-tensor FP8 (delayed and current scaling) keeps the row-wise copy alone, one byte per weight:
 on Hopper TE's backward transposes it where it needs the column-wise copy (the same bytes), and each decoder
 layer's backward drops its transposes again when it ends (as the weight cache's row-wise copy does,
-:func:`te_llama.training.weight_cache_rowwise.drop_transposes_after_backward`), so one layer's are alive at a time;
-newer GPUs read the row-wise copy both ways. Block and MXFP8 scales run along one direction, so their column-wise
+:func:`te_llama.training.weight_cache_rowwise.drop_transposes_after_backward`), so one layer's are alive at a time
+(and the first layer's, whose input needs no gradient under LoRA: nothing marks the end of its backward); newer GPUs
+read the row-wise copy both ways. Block and MXFP8 scales run along one direction, so their column-wise
 copy is quantized too where ``for_training``.
 
 What changes for the model: its forwards run in FP8 also in evaluation (a BF16 forward would dequantize every
