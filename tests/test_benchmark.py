@@ -335,6 +335,7 @@ def test_variant_fp8_configs_and_skips():
     from te_llama.training.fp8 import FP8Config
 
     assert "te_fp8_delayed_fastacc_graphs_cached" in VARIANTS  # the suite shows the fastest opt-in next to the default
+    assert len(set(VARIANTS)) == len(VARIANTS)  # each row once
     assert Variant.parse("te_fp8_delayed_fastacc_graphs").fp8_config() == FP8Config(
         recipe="delayed", backward_accumulation="fast")
     assert Variant.parse("te_fp8_current_graphs").fp8_config() == FP8Config(recipe="current")

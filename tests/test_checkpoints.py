@@ -211,6 +211,7 @@ def test_hf_loading_arguments_do_what_hf_does(hf_checkpoint, tmp_path):
     ({"attn_implementation": "flash_attention_2"}, "pass attn_implementation='sdpa' or leave it out"),
     ({"device_map": {"model.embed_tokens": "cpu", "lm_head": "meta"}}, "spreads the model over 2 devices"),
     ({"device_map": "cuda:0", "device": "cpu"}, "pass one of them"),
+    ({"device_map": "balanced"}, "spreads the model over the devices it finds"),
     ({"quantization_config": object()}, "unsupported argument.s. quantization_config; it takes dtype"),
 ])
 def test_hf_loading_arguments_te_llama_cannot_honour_are_errors(hf_checkpoint, kwargs, message):
@@ -218,3 +219,17 @@ def test_hf_loading_arguments_te_llama_cannot_honour_are_errors(hf_checkpoint, k
 
     with pytest.raises(LoadingArgumentError, match=message):
         TELlamaForCausalLM.from_pretrained(hf_checkpoint()[0], **kwargs)
+
+
+def test_the_model_records_where_it_was_loaded_from(hf_checkpoint):
+    directory, _ = hf_checkpoint()
+    te = TELlamaForCausalLM.from_pretrained(directory)
+    assert te.name_or_path == te.config.name_or_path == str(directory)
+
+
+def test_an_adapter_directory_where_a_model_belongs_says_what_to_load(tmp_path):
+    from te_llama.checkpoint.files import CheckpointError
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="PEFT adapter directory.*--merge-lora.*PeftModel.from_pretrained"):
+        TELlamaForCausalLM.from_pretrained(tmp_path)

@@ -71,6 +71,19 @@ def test_convert(tmp_path, hf_checkpoint, capsys):
     assert LlamaForCausalLM.from_pretrained(tmp_path / "out").config.architectures == ["LlamaForCausalLM"]
 
 
+def test_convert_refuses_an_existing_output_and_the_model_directory(tmp_path, hf_checkpoint, capsys):
+    directory, _ = hf_checkpoint()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert main(["convert", "--model", str(directory), "--output", str(existing)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (existing / "keep.txt").is_file()
+    assert main(["convert", "--model", str(directory), "--output", str(directory), "--overwrite"]) == 2
+    assert "is the --model directory" in capsys.readouterr().err
+    assert main(["convert", "--model", str(directory), "--output", str(existing), "--overwrite"]) == 0
+    assert LlamaForCausalLM.from_pretrained(existing).config.architectures == ["LlamaForCausalLM"]
+
+
 def test_convert_a_checkpoint_of_another_family(tmp_path, hf_checkpoint, capsys):
     from conftest import family_config
 

@@ -84,6 +84,19 @@ def test_finetune_lora_writes_a_peft_adapter_that_plain_hf_loads_and_a_merged_ch
         assert not torch.allclose(base(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_finetune_lora_is_reproducible_with_its_seed_and_names_its_base(tiny_model, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    adapters = []
+    for name in ("a", "b"):
+        assert run(tiny_model, text_file, tmp_path / name, "--max-steps", "1", "--lora", "4") == 0
+        adapters.append(load_file(tmp_path / name / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model)  # what AutoPeftModel loads the base from
+
+
 def test_finetune_lora_options_are_checked(tiny_model, text_file, tmp_path, capsys):
     assert run(tiny_model, text_file, tmp_path / "a", "--lora", "4", "--lora-targets", "q_proj,qkv") == 2
     assert "qkv is not a Llama projection" in capsys.readouterr().err

@@ -22,7 +22,7 @@ logger = logging.getLogger("te_llama")
 Backend = Literal["te", "reference"]
 BACKENDS = ("te", "reference")
 ENV_VAR = "TE_LLAMA_BACKEND"
-TE_INSTALL_HINT = "pip install 'te-llama[te]' (needs a CUDA GPU and toolkit)"
+TE_INSTALL_HINT = "pip install 'te-llama[te]' on a machine with a CUDA GPU and toolkit"
 
 _logged: set[str] = set()
 
@@ -41,7 +41,7 @@ class BackendUnavailableError(RuntimeError):
 def te_unavailable_reason() -> str | None:
     """Why TE cannot run here, or None if it can (without importing it)."""
     if importlib.util.find_spec("transformer_engine") is None:
-        return f"transformer_engine is not installed ({TE_INSTALL_HINT})"
+        return f"transformer_engine is not installed; {TE_INSTALL_HINT}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to PyTorch"
     return None

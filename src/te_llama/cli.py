@@ -65,7 +65,8 @@ def _demo(args) -> int:
 def _convert(args) -> int:
     from te_llama.commands.convert import convert_checkpoint
 
-    report = convert_checkpoint(args.model, args.output, dtype=args.dtype, device=args.device)
+    report = convert_checkpoint(args.model, args.output, dtype=args.dtype, device=args.device,
+                                overwrite=args.overwrite)
     print(json.dumps(report.as_dict(), indent=2))
     print(f"saved HF checkpoint to {args.output}")
     return 0
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", required=True, help="where to write the HF checkpoint")
     convert.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (the checkpoint's)")
     convert.add_argument("--device", default=None, help="cuda or cpu (default: by backend)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     convert.set_defaults(run=_convert)
 
     from te_llama.bench.suite import SHAPES, VARIANTS

@@ -92,6 +92,6 @@ def is_variant(name: str) -> bool:
 
 SUITE = PEERS + ("te_bf16",) + tuple(f"te_fp8_{recipe}" for recipe in RECIPES) + (
     "te_fp8_delayed_graphs", "te_fp8_delayed_graphs_cached", "te_fp8_delayed_fastacc_graphs_cached",
-    "hf_bf16_lora", "te_fp8_delayed_lora")
+    "te_fp8_delayed_lora")
 """The default variants. ``te_fp8_delayed_fastacc_graphs_cached`` is te-llama's fastest opt-in: it changes the
 backward's rounding, which its row's ``fp8`` field says."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from te_llama.checkpoint.files import CheckpointError
 from te_llama.model.auto import AutoModelForCausalLM
 from te_llama.model.modeling import TECausalLM, resolve_dtype
 
@@ -41,8 +42,10 @@ def logits_parity(te_model: TECausalLM, hf_model: transformers.PreTrainedModel, 
 
 
 def convert_checkpoint(model: str | os.PathLike, output: str | os.PathLike, dtype: str = "auto",
-                       device: str | None = None, check_tokens: int = 256) -> ParityReport:
-    """Load ``model`` into te-llama, check logits against transformers, save an HF checkpoint to ``output``."""
+                       device: str | None = None, check_tokens: int = 256, overwrite: bool = False) -> ParityReport:
+    """Load ``model`` into te-llama, check logits against transformers, save an HF checkpoint to ``output`` (which
+    must not exist, unless ``overwrite``; never ``model`` itself)."""
+    check_output(Path(model), Path(output), overwrite)
     te_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device=device)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         model, dtype=resolve_dtype(dtype, te_model.config)).to(te_model.device)
@@ -54,6 +57,14 @@ def convert_checkpoint(model: str | os.PathLike, output: str | os.PathLike, dtyp
     te_model.save_pretrained(output)
     copy_tokenizer(Path(model), Path(output))
     return report
+
+
+def check_output(model: Path, output: Path, overwrite: bool) -> None:
+    """Refuse, before anything is loaded, an ``output`` that is ``model`` or, without ``overwrite``, exists."""
+    if output.exists() and model.exists() and output.resolve() == model.resolve():
+        raise CheckpointError(f"--output {output} is the --model directory; write the converted checkpoint elsewhere")
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"--output {output} exists; pass --overwrite to replace it, or choose another directory")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

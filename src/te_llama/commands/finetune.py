@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 from te_llama.training.adamw import AdamW
@@ -188,7 +189,7 @@ def _training_arguments(config: FinetuneConfig, out: Path, on_gpu: bool, batch_s
     return TrainingArguments(
         output_dir=str(out / "checkpoints"), max_steps=config.max_steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size, learning_rate=config.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=max(1, config.max_steps // 20), weight_decay=0.0, max_grad_norm=1.0,
+        warmup_steps=config.max_steps // 20, weight_decay=0.0, max_grad_norm=1.0,  # none for short runs
         logging_steps=max(1, min(10, config.max_steps // 10)), eval_strategy="steps", eval_steps=config.eval_every,
         save_strategy="steps", save_steps=config.save_every, save_total_limit=2, seed=config.seed,
         data_seed=config.seed, bf16=on_gpu, use_cpu=not on_gpu, report_to=report_to,
@@ -267,7 +268,11 @@ def finetune(config: FinetuneConfig) -> dict:
     fsdp_policy = default_mp_policy(backend) if config.fsdp else None
     if config.fsdp:
         shard_model(base, mp_policy=fsdp_policy)
-    model = add_lora(base, lora_settings(config), config.gradient_checkpointing) if config.lora else base
+    if config.lora:
+        transformers.set_seed(config.seed)  # PEFT draws the adapters' initial A now, before the Trainer seeds
+        model = add_lora(base, lora_settings(config), config.gradient_checkpointing)
+    else:
+        model = base
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = tokenize_and_pack(examples, tokenizer, config.seq_len, config.across_documents)
     train_blocks, eval_blocks = split_blocks(blocks, config.eval_fraction, config.seed)

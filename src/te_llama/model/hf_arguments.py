@@ -19,6 +19,10 @@ NO_OPS = {
 }
 
 
+SPREADING = ("balanced", "balanced_low_0", "sequential")
+"""accelerate's device maps that spread a model over several devices."""
+
+
 class LoadingArgumentError(TypeError):
     """A ``from_pretrained`` argument te-llama cannot honour."""
 
@@ -35,6 +39,10 @@ def _one_device(device_map) -> torch.device | None:
         return _one_device(devices.pop())
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
+    if device_map in SPREADING:
+        raise LoadingArgumentError(
+            f"device_map={device_map!r} spreads the model over the devices it finds; te-llama puts the whole model on "
+            "one device (pass one device or 'auto', or train on several GPUs with torchrun: DDP)")
     try:
         return torch.device(device_map)
     except (RuntimeError, TypeError) as error:

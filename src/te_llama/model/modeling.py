@@ -93,6 +93,11 @@ def checkpoint_directory(path: str | os.PathLike, subfolder: str | None = None) 
 def checkpoint_family(directory: Path) -> Family:
     """The family of a local checkpoint, from its ``config.json``, with errors that name the file."""
     path = directory / "config.json"
+    if not path.is_file() and (directory / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{directory}: a PEFT adapter directory (adapter_config.json, as te-llama finetune --lora writes), not a "
+            "model; use the merged checkpoint (finetune --merge-lora writes it to OUTPUT/merged), or load the base "
+            "model and then the adapter with peft.PeftModel.from_pretrained(model, directory)")
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
     try:
@@ -183,6 +188,8 @@ class TECausalLM:
             model = cls(config, backend=backend)
         model.tie_weights()
         load_hf_weights(model, directory, files, cls.te_family.weights)
+        # As HF records it: PEFT writes it into an adapter's base_model_name_or_path, lm-eval into its results
+        model.name_or_path = model.config._name_or_path = str(path)
         if (directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
         model.eval()

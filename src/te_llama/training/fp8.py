@@ -56,7 +56,8 @@ class FP8Config:
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
-            raise FP8ConfigError(f"unknown FP8 recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+            raise FP8ConfigError(f"unknown FP8 recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}, or off "
+                                 "(fp8=None) for no FP8")
         if self.fp8_format not in ("hybrid", "e4m3"):
             raise FP8ConfigError(f"fp8_format must be 'hybrid' or 'e4m3', got {self.fp8_format!r}")
         if self.amax_compute_algo not in ("max", "most_recent"):
@@ -106,13 +107,14 @@ def check_fp8_possible(backend: str, model_config=None) -> None:
     if backend != "te":
         raise FP8ConfigError(
             "FP8 needs the Transformer Engine backend on an NVIDIA GPU, but this model uses the reference backend "
-            "(pure PyTorch). Install TE on a GPU machine (pip install 'te-llama[te]') or turn FP8 off (--fp8 off)."
+            "(pure PyTorch). Install TE on a GPU machine (pip install 'te-llama[te]') or turn FP8 off (fp8=None; "
+            "--fp8 off on the command line)."
         )
     major, minor = _capability()
     if (major, minor) < (8, 9):
         raise FP8ConfigError(
             f"FP8 needs compute capability 8.9+ (Ada, Hopper, Blackwell); {torch.cuda.get_device_name()} is "
-            f"{major}.{minor}. Use --fp8 off (BF16)."
+            f"{major}.{minor}. Turn FP8 off (fp8=None; --fp8 off on the command line) for BF16."
         )
     if model_config is not None:
         head = head_dim(model_config)
@@ -126,7 +128,7 @@ def check_fp8_possible(backend: str, model_config=None) -> None:
         if bad:
             listed = ", ".join(f"{name}={size}" for name, size in bad.items())
             raise FP8ConfigError(f"FP8 GEMMs need layer dimensions divisible by {FP8_ALIGNMENT}; this model has "
-                                 f"{listed}. Use --fp8 off for this model.")
+                                 f"{listed}. Turn FP8 off for this model (fp8=None; --fp8 off).")
 
 
 def te_recipe(config: FP8Config):

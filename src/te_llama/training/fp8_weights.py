@@ -53,11 +53,8 @@ class FP8WeightsError(RuntimeError):
 def quantized_types() -> tuple[type, ...]:
     """The class of Transformer Engine's quantized tensors, or none where TE is not loaded (nothing is quantized
     then, and TE is not imported to find out)."""
-    if "transformer_engine.pytorch" not in sys.modules:
-        return ()
-    from transformer_engine.pytorch import QuantizedTensor
-
-    return (QuantizedTensor,)
+    quantized = getattr(sys.modules.get("transformer_engine.pytorch"), "QuantizedTensor", None)
+    return () if quantized is None else (quantized,)
 
 
 def is_quantized(tensor) -> bool:
