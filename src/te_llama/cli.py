@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     convert.set_defaults(run=_convert)
 
-    from te_llama.bench.suite import SHAPES, VARIANTS
+    from te_llama.bench.suite import SHAPES
 
     bench = commands.add_parser("bench", help="te-llama vs HF, torch.compile, Liger, torchao: one table + JSON")
     from te_llama.bench import generation, packed_sft
