@@ -4,14 +4,16 @@
 #
 #   bash benchmarks/gpu_evidence.sh OUT [STAGE ...]
 #
-# Stages (default: all, in this order; about 4 + 2 + 3 + 5 + 1.5 + 3 minutes on an H100):
+# Stages (default: all, in this order; about 5 + 2 + 3 + 6 + 2.5 + 4 minutes on an H100, so one call of at most
+# ten minutes takes two or three of them):
 #   tests       pytest -m gpu tests/gpu (one GPU; the multi-GPU tests skip), JUnit XML and the tests' records
 #   training    te-llama bench --shapes A,B: HF BF16, FP8 delayed, FP8 delayed + CUDA graphs
 #   families    te-llama bench --shapes mistral,qwen2,qwen3: HF BF16 against FP8 delayed, per family
 #   generation  te-llama bench --generation: HF DynamicCache, HF static cache + compile, te-llama BF16 (+ graphs),
-#               te-llama FP8
-#   lora        te-llama bench --shapes A with HF + PEFT LoRA against te-llama FP8 LoRA, and its step profile
-#   packed      te-llama bench --packed: padded and padding-free HF against te-llama padding-free
+#               te-llama FP8 (+ graphs, + the weights kept in FP8 only)
+#   lora        te-llama bench --shapes A with HF + PEFT LoRA against te-llama FP8 LoRA (on a base kept in FP8 too),
+#               and its step profile
+#   packed      te-llama bench --packed: padded and padding-free HF against te-llama padding-free (+ CUDA graphs)
 #
 # A GPU machine without gensim or the network needs the packed stage's token file made on another machine first:
 # `python -c "from te_llama.bench.packed_sft import corpus_tokens; corpus_tokens()"` writes
