@@ -46,9 +46,10 @@ def run(tiny_model, data, out, *extra):
 
 def test_finetune_writes_a_loadable_checkpoint_plot_and_summary(tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(tiny_model, text_file, out, "--max-steps", "4") == 0
+    assert run(tiny_model, text_file, out, "--max-steps", "4", "--sample-prompt", "Say hello.") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4 and summary["tokens"] == 4 * 128
+    assert summary["sample"]["prompt"] == "Say hello."
     assert summary["precision"] == "float32" and summary["fp8_recipe"] is None  # CPU: said, not silent
     assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"]
     assert (out / "loss_curve.png").stat().st_size > 1000

@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--sample-tokens", type=int, default=40, help="length of the sample reply at the end")
+    tune.add_argument("--sample-prompt", default=None, help="the prompt of that reply (default: one about the "
+                      "embedded news text)")
     tune.set_defaults(run=_finetune)
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a data file")

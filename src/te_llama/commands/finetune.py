@@ -91,6 +91,7 @@ class FinetuneConfig:
     overwrite: bool = False
     seed: int = 0
     sample_tokens: int = 40  # tokens of the sample reply generated at the end
+    sample_prompt: str = SAMPLE_PROMPT  # what the sample reply answers (the default suits the embedded news text)
 
 
 def _defaults(config: FinetuneConfig, on_gpu: bool, processes: int = 1) -> FinetuneConfig:
@@ -102,6 +103,7 @@ def _defaults(config: FinetuneConfig, on_gpu: bool, processes: int = 1) -> Finet
     config.eval_every = config.eval_every or max(1, min(100, config.max_steps // 3))
     config.save_every = config.save_every or max(config.eval_every, config.max_steps // 2)
     config.learning_rate = config.learning_rate or (2e-4 if config.lora else 5e-5)
+    config.sample_prompt = config.sample_prompt or SAMPLE_PROMPT
     if config.lora is not None and config.lora < 1:
         raise FinetuneError(f"--lora {config.lora}: the LoRA rank must be a positive integer")
     if config.merge_lora and not config.lora:
@@ -353,11 +355,11 @@ def finetune(config: FinetuneConfig) -> dict:
         summary["eval_perplexity_after"] = perplexity(model, eval_blocks, batch_size, progress=main)
         if main:
             print(f"eval perplexity after: {summary['eval_perplexity_after']:.3f} (before {ppl_before:.3f})")
-            print(f"sample, prompt: {SAMPLE_PROMPT}\nreply: ", end="", flush=True)
+            print(f"sample, prompt: {config.sample_prompt}\nreply: ", end="", flush=True)
         if main or config.fsdp:  # a sharded model's forwards need every process; the first one prints and writes
-            text, _ = generate_text(model.eval(), tokenizer, SAMPLE_PROMPT, max_new_tokens=config.sample_tokens,
-                                    stream=main)
-            summary["sample"] = {"prompt": SAMPLE_PROMPT, "reply": text}
+            text, _ = generate_text(model.eval(), tokenizer, config.sample_prompt,
+                                    max_new_tokens=config.sample_tokens, stream=main)
+            summary["sample"] = {"prompt": config.sample_prompt, "reply": text}
             if config.lora:
                 summary["lora"].update(save_lora(model, out, merge=config.merge_lora))
                 print(f"saved the LoRA adapter (PEFT) to {out}"
