@@ -219,7 +219,7 @@ def test_packed_batches_at_a_fixed_budget_record_a_packed_graph(monkeypatch, cap
     graph.armed = True
     hidden = torch.zeros(2, 16, 64)
     assert "padding" in graph.eager_reason(hidden, "padding_causal", with_padding)
-    assert "recorded for packed batches" in graph.eager_reason(hidden, "causal")  # whole rows
+    assert "recorded for packed documents" in graph.eager_reason(hidden, "causal")  # whole rows
     many = packed_sequences(torch.zeros(2, 80), None, torch.zeros(2, 80, dtype=torch.long))  # 160 one-token documents
     assert "160 sequences; the CUDA graphs take up to 64" in cuda_graphs.Packing(64, 80).eager_reason(many)
     assert cuda_graphs.Packing.for_batch(many) == cuda_graphs.Packing(capacity=320, max_seqlen=80)
@@ -255,6 +255,31 @@ def test_a_packed_replay_runs_what_the_graph_records(monkeypatch):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_training_forward_reaches_the_replay_decision_padded_or_packed(monkeypatch):
+    """Under DDP the processes vote on every training forward (test_processes_agree_on_recording_and_replaying):
+    a padded or packed batch, which runs as a padding-free stream, asks the graph too, so a process with one never
+    leaves the others waiting for its vote."""
+    import te_llama.training.cuda_graphs as cuda_graphs
+
+    model = TELlamaForCausalLM.from_config(CONFIG, backend="reference").train()
+    graph = cuda_graphs.StackGraph(cuda_graphs.split_stack(model.model.layers), torch.Size((2, 16, 64)),
+                                   torch.float32, None)
+    asked = []
+    monkeypatch.setattr(cuda_graphs.StackGraph, "replays",
+                        lambda self, hidden, mask_type, packed=None: asked.append(packed is not None) and False)
+    monkeypatch.setattr(cuda_graphs, "record_layer_graphs_once", lambda *args, **kwargs: None)
+    model.model.te_settings.cuda_graphs = True
+    for layer in model.model.layers:
+        layer.cuda_graph = graph
+    ids, positions, _ = _packed_batch()
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()  # padded
+    model(input_ids=ids, position_ids=positions, labels=ids).loss.backward()  # packed documents
+    model(input_ids=ids, labels=ids).loss.backward()  # whole rows
+    assert asked == [True, True, False]  # once per forward, by the first layer
 
 
 def _vote(rank: int, port: int, out: str) -> None:

@@ -107,7 +107,7 @@ class _StackCall(torch.nn.Module):
 class _PackedStackCall(_StackCall):
     """What a graph of packed batches records: the layers' padding-free forward (:mod:`te_llama.model.packed`) on
     the stream of a fixed-shape batch whose every token is real, its sequences in a ``cu_seqlens`` of fixed length
-    (:data:`Packing`), RoPE from the per-token angle table."""
+    (:class:`Packing`), RoPE from the per-token angle table."""
 
     def __init__(self, layers, packing: Packing):
         super().__init__(layers)
@@ -159,9 +159,9 @@ class StackGraph:
     def __init__(self, calls: tuple[_StackCall, ...], shape: torch.Size, dtype: torch.dtype, recipe,
                  caches_weights: bool = False, group=None, packing: Packing | None = None):
         self.calls = calls
+        """The recorded parts of the stack, in order (see :func:`split_stack`)."""
         self.packing = packing
         """Recorded for packed batches (their fixed shapes), or ``None``: for batches of whole rows."""
-        """The recorded parts of the stack, in order (see :func:`split_stack`)."""
         self.shape, self.dtype, self.recipe = shape, dtype, recipe
         self.caches_weights = caches_weights
         """Recorded with TE's FP8 weight caching: each replay takes ``is_first_microbatch``."""
@@ -197,9 +197,11 @@ class StackGraph:
         expected: evaluation, no gradients, another batch shape, a forward that asks for per-layer outputs)."""
         if not (self._training_forward() and hidden_states.shape == self.shape):
             return ""
-        if (packed is None) != (self.packing is None):
-            recorded = "packed batches" if self.packing is not None else "batches of whole rows"
-            return f"a {'packed batch' if packed is not None else 'batch of whole rows'}; recorded for {recorded}"
+        if packed is not None and self.packing is None:
+            return ("a batch of packed documents; the graphs were recorded for whole rows" if packed.every_token_real
+                    else "the batch has padding (it runs as a padding-free stream)")
+        if packed is None and self.packing is not None:
+            return "a batch of whole rows; the graphs were recorded for packed documents"
         if packed is not None:
             reason = self.packing.eager_reason(packed)
             if reason is not None:
