@@ -86,6 +86,11 @@ def test_accelerate_fp8_mode_is_refused(monkeypatch):
         TELlamaForCausalLM.from_config(tiny_config()).enable_fp8("delayed")
 
 
+def te_recipe_standin(delayed: bool = False):
+    """What te-llama asks of TE's recipe object outside TE: whether it is delayed scaling."""
+    return types.SimpleNamespace(delayed=lambda: delayed)
+
+
 @pytest.fixture
 def fake_te(monkeypatch):
     """Installs (when called) a stand-in for transformer_engine.pytorch that records when autocast is active."""
@@ -107,17 +112,23 @@ def _install_fake_te(monkeypatch):
 
     fake = types.ModuleType("transformer_engine.pytorch")
     fake.autocast, fake.active = autocast, False
+    quantization = types.ModuleType("transformer_engine.pytorch.quantization")  # delayed scaling's scale update
+    quantization.FP8GlobalStateManager = types.SimpleNamespace(
+        quantization_state=types.SimpleNamespace(autocast_depth=0),
+        reduce_and_update_fp8_tensors=lambda forward: events.append(("update", forward)))
+    fake.quantization = quantization
     package = types.ModuleType("transformer_engine")
     package.pytorch, package.__version__ = fake, "2.20.2"
     monkeypatch.setitem(sys.modules, "transformer_engine", package)
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", fake)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.quantization", quantization)
     return fake, events
 
 
 def test_autocast_wraps_training_forwards_only(fake_te):
     model = TELlamaForCausalLM.from_config(tiny_config())
     fake, events = fake_te()
-    recipe = object()
+    recipe = te_recipe_standin(delayed=True)
     settings = model.model.te_settings  # as enable_fp8 sets them on a GPU
     settings.fp8_recipe, settings.fp8_config = recipe, FP8Config(recipe="delayed")
     seen_in_forward, seen_in_backward = [], []
@@ -137,22 +148,23 @@ def test_autocast_wraps_training_forwards_only(fake_te):
     settings.fp8_config = FP8Config(recipe="delayed", in_eval=True)
     with torch.no_grad():
         model(ids)
-    assert len(events) == 4
+    # TE updates delayed scaling's scales when an autocast with gradients ends; te-llama does it without them
+    assert events[2:] == [("enter", recipe), ("exit", recipe), ("update", True)]
 
     model.train()
     model.model(input_ids=ids)  # the decoder stack called directly, as TRL's fused LM head does
-    assert events[4:] == [("enter", recipe), ("exit", recipe)] and seen_in_forward[-1] is True
+    assert events[5:] == [("enter", recipe), ("exit", recipe)] and seen_in_forward[-1] is True
 
     model.disable_fp8().train()
     model(ids, labels=ids)
-    assert len(events) == 6 and model.fp8_recipe_name is None
+    assert len(events) == 7 and model.fp8_recipe_name is None
 
 
 def test_an_unaligned_token_count_is_padded_inside_also_on_the_kv_cache(fake_te, stream_calls):
     model = TELlamaForCausalLM.from_config(tiny_config()).train()
     fake_te()
     settings = model.model.te_settings
-    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current")
+    settings.fp8_recipe, settings.fp8_config = te_recipe_standin(), FP8Config(recipe="current")
     ids = torch.randint(0, 128, (1, 13))
     plain = model(ids).logits
     assert stream_calls[0].cu_seqlens.tolist() == [0, 13, 16]  # a sequence of padding makes 16 tokens for FP8's GEMMs
@@ -175,7 +187,7 @@ def test_fp8_generation_casts_the_weights_once_per_generate_call(fake_te):
     model = TELlamaForCausalLM.from_config(tiny_config()).eval()
     fake, _ = fake_te()
     settings = model.model.te_settings
-    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current", in_eval=True)
+    settings.fp8_recipe, settings.fp8_config = te_recipe_standin(), FP8Config(recipe="current", in_eval=True)
     seen = []  # TE's is_first_microbatch as the first layer received it, one entry per forward
     model.model.layers[0].register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("is_first_microbatch", "absent")), with_kwargs=True)
@@ -199,7 +211,7 @@ def test_fp8_decode_graphs_replay_after_each_calls_weight_cast_with_current_scal
     expected = model.generate(ids, **kwargs)  # without FP8 and graphs (the stand-in TE changes no number)
     fake_te()
     settings = model.model.te_settings
-    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe=recipe, in_eval=True)
+    settings.fp8_recipe, settings.fp8_config = te_recipe_standin(), FP8Config(recipe=recipe, in_eval=True)
     model.enable_decode_graphs(capture=False)
     seen = []  # (is_first_microbatch, rows TE's qkv got) per forward of the first layer
     layer = model.model.layers[0]
@@ -212,7 +224,7 @@ def test_fp8_decode_graphs_replay_after_each_calls_weight_cast_with_current_scal
     if recipe == "current":  # the prompt, then each call's casting step eagerly; the others as the recorded step
         assert model.decode_graph_replays() == 2 * 4
         assert list(settings.decode_graphs.steps) == [(1, 10, torch.float32, "current")]
-        assert set(rows) == {8}  # the 5-token prompt and the 1-token steps, padded for FP8's GEMMs
+        assert set(rows) == {16}  # the 5-token prompt and the 1-token steps, padded for FP8's GEMMs
     else:
         assert model.decode_graph_replays() == 0
 
@@ -221,7 +233,7 @@ def test_a_recorded_fp8_decode_step_is_recorded_again_when_te_replaces_a_kept_we
     model = TELlamaForCausalLM.from_config(tiny_config()).eval()
     fake_te()
     settings = model.model.te_settings
-    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current", in_eval=True)
+    settings.fp8_recipe, settings.fp8_config = te_recipe_standin(), FP8Config(recipe="current", in_eval=True)
     qkv = model.model.layers[0].self_attention.layernorm_qkv
     qkv._fp8_workspaces = {"weight": object()}  # as TE keeps a cast; the reference module keeps none
     model.enable_decode_graphs(capture=False)
@@ -244,7 +256,7 @@ def test_fp8_decode_steps_run_eagerly_on_a_te_version_they_were_not_checked_with
     fake_te()
     monkeypatch.setattr(sys.modules["transformer_engine"], "__version__", "2.19.0")
     settings = model.model.te_settings
-    settings.fp8_recipe, settings.fp8_config = object(), FP8Config(recipe="current", in_eval=True)
+    settings.fp8_recipe, settings.fp8_config = te_recipe_standin(), FP8Config(recipe="current", in_eval=True)
     model.enable_decode_graphs(capture=False)
     with caplog.at_level(logging.INFO, logger="te_llama"):
         model.generate(torch.randint(1, 128, (1, 5)), max_new_tokens=5, do_sample=False, pad_token_id=0,

@@ -108,7 +108,7 @@ def test_plain_forwards_make_no_cache(generation_pair):
 
 
 def test_kv_cache_path_pads_tokens_to_fp8s_alignment_without_changing_the_output(generation_pair, monkeypatch):
-    # FP8 GEMMs need a multiple of 8 tokens (32 for MXFP8); a decode step has one per row. The padding is what FP8
+    # FP8 GEMMs need a multiple of 16 tokens (32 for MXFP8); a decode step has one per row. The padding is what FP8
     # would ask for (the reference backend runs no FP8: the stack's choice is forced here).
     from te_llama.model.decoder_stack import TEDecoderStack
 

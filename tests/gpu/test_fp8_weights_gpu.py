@@ -53,7 +53,7 @@ def test_weights_in_fp8_give_the_per_forward_casts_logits_in_half_the_memory(rec
     assert model.weights_in_fp8 == recipe and torch.isfinite(fp8).all()
     # current scaling quantizes a weight as each forward's cast does; delayed scaling's cast used the amax history
     assert error < (1e-3 if recipe == "current" else 2e-2)
-    assert before - after >= 0.9 * kept / 2  # one byte per weight instead of two (and no kept cast)
+    assert before - after >= 0.8 * kept / 2  # one byte per weight instead of two (and no kept cast)
 
 
 def test_generate_on_weights_in_fp8_matches_the_per_call_cast_with_and_without_decode_graphs(record):

@@ -74,7 +74,8 @@ def test_one_sharded_gpu_trains_as_the_unsharded_model(tmp_path, record, recipe,
     unsharded, unsharded_grads, unsharded_weights = train(tmp_path, "unsharded", [sys.executable], "--fp8", recipe,
                                                           "--unsharded")
     loss_gap, worst, name = gaps(sharded, unsharded, sharded_grads, unsharded_grads)
-    weights_gap = max(small_llama.rel(sharded_weights[n], unsharded_weights[n]) for n in unsharded_weights)
+    weights_gap = max(small_llama.rel(sharded_weights[n], unsharded_weights[n]) for n in unsharded_weights
+                      if not n.endswith("_extra_state"))  # TE's FP8 state: compared through the losses
     resumed_gap = max(abs(a - b) / b for a, b in zip(sharded["resumed_losses"], sharded["losses"][4:]))
     record(test="fsdp_world_1", recipe=recipe, flags=list(flags), losses_sharded=sharded["losses"],
            losses_unsharded=unsharded["losses"], worst_loss_gap=loss_gap, worst_first_grad_rel=worst,

@@ -78,7 +78,7 @@ def test_greedy_tokens_follow_hf_for_a_prefix(pair, record):
 
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_fp8_generation_pads_one_token_steps_and_stays_near_bf16(pair, recipe, record):
-    """FP8Config(in_eval=True): batch 3 (one token per row a step) runs FP8 GEMMs on rows padded to 8; the cached
+    """FP8Config(in_eval=True): batch 3 (one token per row a step) runs FP8 GEMMs on rows padded to 16; the cached
     step's logits stay within FP8's error of the BF16 cached step."""
     from te_llama import FP8Config
 

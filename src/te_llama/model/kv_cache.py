@@ -40,7 +40,7 @@ def sdpa_mask(hf_mask: torch.Tensor | None, query_length: int) -> tuple[torch.Te
 
 class TokenRows:
     """The ``b * s`` tokens of a ``[b, s, ...]`` forward as rows, padded with zero rows to a multiple of
-    ``alignment``: FP8 GEMMs need the token count divisible by 8 (32 for MXFP8), and a decode step has one token per
+    ``alignment``: FP8 GEMMs need the token count divisible by 16 (32 for MXFP8), and a decode step has one token per
     row. Each token's row is computed on its own, so the padding changes no real token's output."""
 
     def __init__(self, b: int, s: int, alignment: int = 1):

@@ -173,12 +173,13 @@ def describe(config: FP8Config) -> str:
 
 
 def token_alignment(recipe_name: str) -> int:
-    """What FP8 GEMMs need the token count of a batch to be divisible by."""
-    return 32 if recipe_name == "mxfp8" else 8
+    """What FP8 GEMMs need the token count of a batch to be divisible by: 16 (the backward's weight-gradient GEMMs
+    take the tokens as their inner dimension, which cuBLAS wants a multiple of 16 in FP8), 32 for MXFP8."""
+    return 32 if recipe_name == "mxfp8" else 16
 
 
 def check_token_alignment(recipe_name: str, tokens: torch.Tensor) -> None:
-    """FP8 GEMMs need the batch's token count divisible by 8 (32 for MXFP8); a clear error instead of TE's assert.
+    """FP8 GEMMs need the batch's token count divisible by 16 (32 for MXFP8); a clear error instead of TE's assert.
     Training, scoring and KV-cache forwards pad inside (:mod:`te_llama.model.packed`,
     :class:`te_llama.model.kv_cache.TokenRows`); this guards what neither sees (a 4-D attention mask of the caller's)."""
     alignment = token_alignment(recipe_name)
@@ -190,9 +191,27 @@ def check_token_alignment(recipe_name: str, tokens: torch.Tensor) -> None:
 
 
 def autocast(recipe) -> contextlib.AbstractContextManager:
-    """TE's FP8 autocast with ``recipe``, or nothing for ``None`` (BF16/FP32)."""
+    """TE's FP8 autocast with ``recipe``, or nothing for ``None`` (BF16/FP32). For delayed scaling without
+    gradients, see :func:`_updating_delayed_scales`."""
     if recipe is None:
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
 
+    if recipe.delayed() and not torch.is_grad_enabled():
+        return _updating_delayed_scales(te.autocast(enabled=True, recipe=recipe))
     return te.autocast(enabled=True, recipe=recipe)
+
+
+@contextlib.contextmanager
+def _updating_delayed_scales(te_autocast):
+    """``te_autocast``, then delayed scaling's amax and scale update, which TE runs when an autocast ends only where
+    gradients are enabled. Without it every no-grad FP8 forward (evaluation, ``generate()``) would cast with the
+    scales of the last forward with gradients, or with scale 1 in a model never trained here: activations past 448
+    saturate, small weights lose their precision. The update is the one TE's autocast makes (its amaxes go into the
+    history that training reads next, as an evaluation with gradients would put them)."""
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+
+    with te_autocast:
+        yield
+    if FP8GlobalStateManager.quantization_state.autocast_depth == 0:
+        FP8GlobalStateManager.reduce_and_update_fp8_tensors(forward=True)
