@@ -443,9 +443,10 @@ def format_row(row: dict) -> str:
     def column(key, spec):
         return format(row[key], spec) if row.get(key) is not None else f"{'-':>9s}"
 
-    speedup = f"{row['speedup_vs_hf_bf16']:7.2f}x" if "speedup_vs_hf_bf16" in row else f"{'':8s}"
+    baseline = Variant.parse(row["variant"]).baseline  # LoRA rows: against HF + PEFT
+    speedup = f"{row[f'speedup_vs_{baseline}']:7.2f}x" if f"speedup_vs_{baseline}" in row else f"{'':8s}"
     return (f"{row['shape']:5s} {row['variant']:36s} {row['ms_per_step']:9.1f} {speedup} {row['tokens_per_s']:10.0f} "
-            f"{row['model_tflops']:8.1f} {column('peak_memory_gib', '9.1f')} {column('memory_vs_hf_bf16', '9.2f')} "
+            f"{row['model_tflops']:8.1f} {column('peak_memory_gib', '9.1f')} {column(f'memory_vs_{baseline}', '9.2f')} "
             f"{column('peak_reserved_gib', '9.1f')} {column('reserved_vs_hf_bf16', '9.2f')} {row['final_loss']:7.3f}"
             f"{_power_columns(row.get('gpu_power'))}")
 
