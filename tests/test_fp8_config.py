@@ -87,8 +87,9 @@ def test_accelerate_fp8_mode_is_refused(monkeypatch):
 
 
 def te_recipe_standin(delayed: bool = False):
-    """What te-llama asks of TE's recipe object outside TE: whether it is delayed scaling."""
-    return types.SimpleNamespace(delayed=lambda: delayed)
+    """What te-llama asks of TE's recipe object outside TE: whether it is delayed scaling, and whether its amaxes are
+    reduced over processes."""
+    return types.SimpleNamespace(delayed=lambda: delayed, reduce_amax=True)
 
 
 @pytest.fixture
@@ -102,6 +103,7 @@ def _install_fake_te(monkeypatch):
 
     @contextlib.contextmanager
     def autocast(enabled=True, recipe=None):
+        state.recipe = recipe
         events.append(("enter", recipe))
         fake.active = True
         try:
@@ -113,9 +115,10 @@ def _install_fake_te(monkeypatch):
     fake = types.ModuleType("transformer_engine.pytorch")
     fake.autocast, fake.active = autocast, False
     quantization = types.ModuleType("transformer_engine.pytorch.quantization")  # delayed scaling's scale update
+    state = types.SimpleNamespace(autocast_depth=0, recipe=None)
     quantization.FP8GlobalStateManager = types.SimpleNamespace(
-        quantization_state=types.SimpleNamespace(autocast_depth=0),
-        reduce_and_update_fp8_tensors=lambda forward: events.append(("update", forward)))
+        quantization_state=state,  # the update's reduction flag as the update sees it
+        reduce_and_update_fp8_tensors=lambda forward: events.append(("update", forward, state.recipe.reduce_amax)))
     fake.quantization = quantization
     package = types.ModuleType("transformer_engine")
     package.pytorch, package.__version__ = fake, "2.20.2"
@@ -148,8 +151,9 @@ def test_autocast_wraps_training_forwards_only(fake_te):
     settings.fp8_config = FP8Config(recipe="delayed", in_eval=True)
     with torch.no_grad():
         model(ids)
-    # TE updates delayed scaling's scales when an autocast with gradients ends; te-llama does it without them
-    assert events[2:] == [("enter", recipe), ("exit", recipe), ("update", True)]
+    # TE updates delayed scaling's scales when an autocast with gradients ends; te-llama does it without them, on
+    # this process's amaxes (no all-reduce that other processes might never join)
+    assert events[2:] == [("enter", recipe), ("exit", recipe), ("update", True, False)] and recipe.reduce_amax
 
     model.train()
     model.model(input_ids=ids)  # the decoder stack called directly, as TRL's fused LM head does

@@ -198,20 +198,26 @@ def autocast(recipe) -> contextlib.AbstractContextManager:
     import transformer_engine.pytorch as te
 
     if recipe.delayed() and not torch.is_grad_enabled():
-        return _updating_delayed_scales(te.autocast(enabled=True, recipe=recipe))
+        return _updating_delayed_scales(te.autocast(enabled=True, recipe=recipe), recipe)
     return te.autocast(enabled=True, recipe=recipe)
 
 
 @contextlib.contextmanager
-def _updating_delayed_scales(te_autocast):
+def _updating_delayed_scales(te_autocast, recipe):
     """``te_autocast``, then delayed scaling's amax and scale update, which TE runs when an autocast ends only where
     gradients are enabled. Without it every no-grad FP8 forward (evaluation, ``generate()``) would cast with the
     scales of the last forward with gradients, or with scale 1 in a model never trained here: activations past 448
     saturate, small weights lose their precision. The update is the one TE's autocast makes (its amaxes go into the
-    history that training reads next, as an evaluation with gradients would put them)."""
+    history that training reads next, as an evaluation with gradients would put them), on this process's amaxes
+    alone: a no-grad forward may run in one process of several (a sample on the first), where an all-reduce would
+    wait for the others for good."""
     from transformer_engine.pytorch.quantization import FP8GlobalStateManager
 
     with te_autocast:
         yield
     if FP8GlobalStateManager.quantization_state.autocast_depth == 0:
-        FP8GlobalStateManager.reduce_and_update_fp8_tensors(forward=True)
+        reduce, recipe.reduce_amax = recipe.reduce_amax, False
+        try:
+            FP8GlobalStateManager.reduce_and_update_fp8_tensors(forward=True)
+        finally:
+            recipe.reduce_amax = reduce
