@@ -35,8 +35,9 @@ class RoundedToFP8(torch.Tensor):
     def dequantize(self, *, dtype=None) -> torch.Tensor:
         return self.as_subclass(torch.Tensor).to(dtype or self.dtype).clone()
 
-    def get_data_tensors(self):
-        return (self.as_subclass(torch.Tensor), None)
+    def get_data_tensors(self, rowwise_data: bool = True, columnwise_data: bool = True):
+        data = self.as_subclass(torch.Tensor)
+        return data if not columnwise_data else (data, None)
 
 
 @pytest.fixture
@@ -76,6 +77,7 @@ def test_the_frozen_projection_and_mlp_weights_are_replaced_and_qkv_kept(model, 
         assert isinstance(weight, torch.nn.Parameter) and not weight.requires_grad
         if kept:
             assert torch.equal(weight.dequantize(), RoundedToFP8.of(before[name]).dequantize())
+            assert fp8_weights.tensor_addresses(weight) == (weight.as_subclass(torch.Tensor).data_ptr(),)  # row-wise
         else:
             assert torch.equal(weight, before[name])
     assert te.model.te_settings.fp8_active(training=False)  # evaluation runs in FP8 now, in_eval or not

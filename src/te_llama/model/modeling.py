@@ -217,13 +217,13 @@ class TECausalLM:
         check_fp8_possible(self.te_backend, self.config)
         from te_llama.training.fp8 import te_recipe
 
-        recipe = te_recipe(config)
+        recipe, name = te_recipe(config), resolve_recipe_name(config)
         kept = self.model.te_settings.weights_in_fp8
-        if kept is not None and not fp8_weights.same_format(kept, resolve_recipe_name(config)):
+        if kept is not None and not fp8_weights.same_format(kept, name):
             raise fp8_weights.FP8WeightsError(
-                f"the frozen weights are kept in FP8 for the {kept} recipe, which {resolve_recipe_name(config)!r} "
-                "cannot read; call model.dequantize_weights() first, then quantize_frozen_weights() again")
-        if resolve_recipe_name(config) == "delayed" and te_patches.install("swiglu_backward"):
+                f"the frozen weights are kept in FP8 for the {kept} recipe, which {name!r} cannot read; call "
+                "model.dequantize_weights() first, then quantize_frozen_weights() again")
+        if name == "delayed" and te_patches.install("swiglu_backward"):
             from te_llama.kernels.swiglu_backward import mark_recipe
 
             mark_recipe(recipe, mlp_bias=self.te_family.biases(self.config).mlp)
@@ -290,9 +290,10 @@ class TECausalLM:
 
         ``o_proj``, the MLP's gate/up and down of every layer become Transformer Engine FP8 tensors of the model's
         recipe, made once, and their high-precision parameters are freed: for the frozen base under PEFT LoRA, or a
-        model that only generates. ``for_training``: a backward will run through them (LoRA), so the column-wise
-        copies it reads are made too; ``False`` (inference) keeps one byte per weight. Needs FP8 enabled
-        (:meth:`enable_fp8`) and those weights frozen. Forwards then run in FP8 in evaluation too;
+        model that only generates. Delayed and current scaling keep one byte per weight (a backward transposes what
+        it needs and drops it again); ``for_training``: a backward will run through them (LoRA), so the block and
+        MXFP8 recipes quantize the column-wise copy too. Needs FP8 enabled (:meth:`enable_fp8`) and those weights
+        frozen. Forwards then run in FP8 in evaluation too;
         :meth:`dequantize_weights` undoes it (the values stay their FP8 rounding)."""
         settings = self.model.te_settings
         if settings.fp8_recipe is None:
@@ -308,8 +309,7 @@ class TECausalLM:
         self.disable_decode_graphs()  # recorded on the BF16 weights
         count = fp8_weights.quantize(self.model.layers, settings.fp8_recipe, for_training)
         settings.weights_in_fp8, settings.weight_cache = settings.fp8_recipe_name, None
-        logger.info("kept %d frozen decoder weights in FP8 only (%s, %s)", count, settings.fp8_recipe_name,
-                    "row- and column-wise" if for_training else "row-wise")
+        logger.info("kept %d frozen decoder weights in FP8 only (%s)", count, settings.fp8_recipe_name)
         return self
 
     def dequantize_weights(self) -> TECausalLM:

@@ -68,11 +68,12 @@ def high_precision(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> to
 
 
 def tensor_addresses(tensor: torch.Tensor) -> tuple[int, ...]:
-    """Where ``tensor``'s data lives: its data pointer, or those of a quantized tensor's data (a quantized tensor is a
-    wrapper without storage of its own, whose ``data_ptr()`` raises)."""
+    """Where ``tensor``'s data lives: its data pointer, or that of a quantized tensor's row-wise data (a quantized
+    tensor is a wrapper without storage of its own, whose ``data_ptr()`` raises). Not the column-wise copy: a LoRA
+    backward makes and drops it at every step, which would look like the weight moving."""
     if not is_quantized(tensor):
         return (tensor.data_ptr(),)
-    return tuple(t.data_ptr() for t in tensor.get_data_tensors() if t is not None)
+    return (tensor.get_data_tensors(rowwise_data=True, columnwise_data=False).data_ptr(),)
 
 
 _FORMATS = {"delayed": "Float8Tensor", "current": "Float8Tensor", "block": "Float8BlockwiseQTensor",
